@@ -8,6 +8,7 @@ checkpoint.py only has to add the `model.` prefix and split the stacked experts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moonlet.config import ModelConfig
+from moonlet.kernels.max_logits import causal_max_logits
 
 
 class RMSNorm(nn.Module):
@@ -146,16 +148,9 @@ class MLA(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     @torch.no_grad()
-    def _record_max_logits(self, q: torch.Tensor, k: torch.Tensor, chunk: int = 1024) -> None:
-        """Per-head max of the causal pre-softmax logits, accumulated (max) until the optimizer resets it.
-        Computed in query chunks so memory stays O(chunk * T) rather than O(T^2)."""
-        T, scale = q.shape[2], self.cfg.softmax_scale
-        best = torch.full((q.shape[1],), float("-inf"), device=q.device)
-        for s in range(0, T, chunk):
-            logits = (q[:, :, s : s + chunk].float() @ k.float().transpose(-1, -2)) * scale
-            rows = torch.arange(s, min(s + chunk, T), device=q.device)[:, None]
-            logits = logits.masked_fill(torch.arange(T, device=q.device)[None, :] > rows, float("-inf"))
-            best = torch.maximum(best, logits.amax(dim=(0, 2, 3)))
+    def _record_max_logits(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Per-head max of the causal pre-softmax logits, accumulated (max) until the optimizer resets it."""
+        best = causal_max_logits(q, k, self.cfg.softmax_scale)
         self.max_logits = best if self.max_logits is None else torch.maximum(self.max_logits, best)
 
 
@@ -189,7 +184,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N,D] -> (weights [N,k] fp32, expert ids [N,k], sigmoid scores [N,E] fp32)."""
         cfg = self.cfg
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        with torch.autocast("cuda", enabled=False) if x.is_cuda else contextlib.nullcontext():  # fp32 under autocast
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()
         choice = scores + self.e_score_correction_bias.float()
         if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
             groups = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
@@ -204,9 +200,14 @@ class Router(nn.Module):
         return weights * cfg.routed_scaling_factor, ids, scores
 
 
-def use_grouped_mm(x: torch.Tensor) -> bool:
-    """torch._grouped_mm runs on CUDA (sm90+) in bf16; elsewhere we loop over the experts that got tokens."""
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+def grouped_mm_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the experts run in with torch._grouped_mm (CUDA sm90+, bf16 only), or None: loop over the
+    experts that got tokens. The op has no autocast rule, so under bf16 autocast (training: fp32 master
+    weights, fp32 residual stream) we cast inputs and expert weights to bf16 ourselves."""
+    if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    return dtype if dtype == torch.bfloat16 else None
 
 
 class Experts(nn.Module):
@@ -234,11 +235,13 @@ class Experts(nn.Module):
 
     def grouped_swiglu(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs [M,D] sorted by expert with counts [E] -> expert MLP outputs [M,D]. Overridden by INT4 experts."""
-        if use_grouped_mm(xs):
+        dtype = grouped_mm_dtype(xs)
+        if dtype is not None:
             offs = counts.cumsum(0).to(torch.int32)
-            g = torch._grouped_mm(xs, self.gate_proj.transpose(-2, -1), offs=offs)
-            u = torch._grouped_mm(xs, self.up_proj.transpose(-2, -1), offs=offs)
-            return torch._grouped_mm(F.silu(g) * u, self.down_proj.transpose(-2, -1), offs=offs)
+            xs = xs.to(dtype)
+            g = torch._grouped_mm(xs, self.gate_proj.to(dtype).transpose(-2, -1), offs=offs)
+            u = torch._grouped_mm(xs, self.up_proj.to(dtype).transpose(-2, -1), offs=offs)
+            return torch._grouped_mm(F.silu(g) * u, self.down_proj.to(dtype).transpose(-2, -1), offs=offs)
         outs = []
         for e, xe in enumerate(xs.split(counts.tolist())):
             if xe.shape[0]:

@@ -44,12 +44,24 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
     tall = X.shape[-2] > X.shape[-1]
     if tall:
         X = X.mT
+    shape = X.shape
+    X = X.reshape(-1, *shape[-2:])  # [batch, m, n], m <= n
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
+        # the polynomial's sums ride in the GEMM epilogues: over all 64 experts x 3 matrices x layers, separate
+        # elementwise passes would move about as many bytes as the matmuls take time
         A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    X = X.reshape(shape)
     return X.mT if tall else X
+
+
+def newton_schulz_flops(shape: torch.Size, steps: int = 5) -> int:
+    """FLOPs of `newton_schulz` on a tensor of this shape: per step X X^T (2 m^2 n), A A (2 m^3), B X (2 m^2 n),
+    with m <= n. Muon pays this every step whatever the batch size."""
+    m, n = sorted(shape[-2:])
+    return math.prod(shape[:-2]) * steps * (4 * m * m * n + 2 * m**3)
 
 
 def muon_scale(shape: torch.Size) -> float:
@@ -97,23 +109,29 @@ class MuonAdamW(torch.optim.Optimizer):
             p.add_(update.to(p.dtype), alpha=-lr * muon_scale(p.shape))
 
     def _adamw(self, group: dict) -> None:
+        """AdamW with torch's foreach kernels: one launch per op for the whole group, no per-tensor temporaries
+        (the "adamw" baseline puts every matrix here)."""
         lr, wd, (b1, b2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            g = p.grad.float()
-            state = self.state[p]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad.float() for p in params]
+        states = [self.state[p] for p in params]
+        for g, state in zip(grads, states):
             if "step" not in state:
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(g)
                 state["exp_avg_sq"] = torch.zeros_like(g)
             state["step"] += 1
-            t = state["step"]
-            state["exp_avg"].lerp_(g, 1 - b1)
-            state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(eps)
-            p.mul_(1 - lr * wd)
-            p.add_((state["exp_avg"] / (1 - b1**t) / denom).to(p.dtype), alpha=-lr)
+        exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(exp_avg, grads, 1 - b1)
+        torch._foreach_mul_(exp_avg_sq, b2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - b2)
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, [math.sqrt(1 - b2 ** s["step"]) for s in states])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_addcdiv_(params, exp_avg, denom, [-lr / (1 - b1 ** s["step"]) for s in states])
 
 
 def param_groups(model: nn.Module, optimizer: str = "muon") -> dict[str, list[nn.Parameter]]:

@@ -215,7 +215,7 @@ class Int4Experts(Experts):
         return dequantize(unpack(getattr(self, f"{proj}_packed")), getattr(self, f"{proj}_scale"), dtype)
 
     def grouped_swiglu(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        from moonlet.kernels import w4a16_grouped_swiglu
+        from moonlet.kernels.w4a16 import w4a16_grouped_swiglu
 
         return w4a16_grouped_swiglu(xs, counts, self.gate_proj_packed, self.gate_proj_scale, self.up_proj_packed,
                                     self.up_proj_scale, self.down_proj_packed, self.down_proj_scale)

@@ -220,15 +220,45 @@ def _time_steps(step_fn, steps: int, warmup: int, device: torch.device) -> float
     return (time.perf_counter() - t0) / steps
 
 
-def bench_train(preset: str, batch: int, seq_len: int, steps: int, warmup: int, compare_hf: bool,
-                compile_: bool = False, peak_tflops: float | None = None, optimizer: str = "muon") -> dict:
-    """Seconds per full training step (fwd + bwd + clip + optimizer) of moonlet (MuonClip with max-logit
-    tracking, router-bias update) and of HF transformers' DeepseekV3ForCausalLM (grouped_mm experts on
-    GPU, fused AdamW) on the same config, fp32 master weights under bf16 autocast on GPU. optimizer="adamw"
-    times moonlet with AdamW too (Muon's Newton-Schulz on every expert matrix is real extra work per step
-    that only large batches amortize)."""
+def _moonlet_train_step(cfg, optimizer: str, x: torch.Tensor, autocast, compile_: bool, device: torch.device):
+    """A closure running one moonlet training step as `moonlet train` does, and the step's Newton-Schulz FLOPs."""
     from moonlet import checkpoint
 
+    model = checkpoint.build(cfg, device=device)
+    model.init_weights(seed=0)
+    opt = optim.build_optimizer(model, optimizer, lr=1e-4)
+    muon = optimizer == "muon"
+    ns_flops = sum(optim.newton_schulz_flops(p.shape) for g in opt.param_groups if g["kind"] == "muon"
+                   for p in g["params"])
+    optim.track_max_logits(model, on=muon)
+    balancer = optim.RouterBalancer(model)
+    fwd = torch.compile(model) if compile_ else model
+
+    def step():
+        with autocast:
+            logits = fwd(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        balancer.accumulate()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if muon:
+            optim.qk_clip(model, 100.0)
+        balancer.step()
+
+    return step, ns_flops
+
+
+def bench_train(preset: str, batch: int, seq_len: int, steps: int, warmup: int, compare_hf: bool,
+                compile_: bool = False, peak_tflops: float | None = None,
+                optimizers: tuple[str, ...] = ("muon", "adamw")) -> dict:
+    """Seconds per full training step (fwd + bwd + clip + optimizer) of moonlet and of HF transformers'
+    DeepseekV3ForCausalLM (grouped_mm experts on GPU, fused AdamW) on the same config, fp32 master weights
+    under bf16 autocast on GPU. moonlet runs once per optimizer: "muon" is MuonClip (Newton-Schulz on every
+    hidden matrix, max-logit tracking, QK-Clip, router-bias update), "adamw" the same step with AdamW, the
+    like-for-like comparison with HF. MFU counts model FLOPs only (PaLM convention), so Newton-Schulz, whose
+    FLOPs are reported apart, lowers Muon's MFU: it costs the same per step whatever the batch."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = model_config(preset)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
@@ -243,35 +273,21 @@ def bench_train(preset: str, batch: int, seq_len: int, steps: int, warmup: int, 
         r = {"step_s": round(sec, 4), "tokens_per_s": round(tokens / sec, 1)}
         if peak:
             r["mfu"] = round(flops_tok * tokens / sec / peak, 4)
+        if device.type == "cuda":
+            r["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         return r
 
     out: dict = {"preset": preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                 "batch": batch, "seq_len": seq_len, "train_flops_per_token": flops_tok, "peak_flops": peak}
-    model = checkpoint.build(cfg, device=device)
-    model.init_weights(seed=0)
-    opt = optim.build_optimizer(model, optimizer, lr=1e-4)
-    optim.track_max_logits(model)
-    balancer = optim.RouterBalancer(model)
-    fwd = torch.compile(model) if compile_ else model
-
-    def moonlet_step():
-        with autocast:
-            logits = fwd(x[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-        loss.backward()
-        balancer.accumulate()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        optim.qk_clip(model, 100.0)
-        balancer.step()
-
-    out["moonlet"] = {**report(_time_steps(moonlet_step, steps, warmup, device)), "optimizer": optimizer}
-    model = opt = fwd = balancer = None  # free the moonlet model before building HF's
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        out["moonlet"]["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        torch.cuda.reset_peak_memory_stats()
+                 "batch": batch, "seq_len": seq_len, "train_flops_per_token": flops_tok, "peak_flops": peak,
+                 "moonlet": {}}
+    for name in optimizers:
+        step_fn, ns_flops = _moonlet_train_step(cfg, name, x, autocast, compile_, device)
+        if name == "muon":
+            out["newton_schulz_flops_per_step"] = ns_flops
+        out["moonlet"][name] = report(_time_steps(step_fn, steps, warmup, device))
+        step_fn = None  # free the model before building the next one
     if compare_hf:
         import transformers
 
@@ -290,11 +306,9 @@ def bench_train(preset: str, batch: int, seq_len: int, steps: int, warmup: int, 
             hf_opt.step()
             hf_opt.zero_grad(set_to_none=True)
 
-        out["hf"] = report(_time_steps(hf_step, steps, warmup, device))
-        out["hf"]["experts_implementation"] = hf_cfg._experts_implementation
-        if device.type == "cuda":
-            out["hf"]["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        out["speedup_vs_hf"] = round(out["hf"]["step_s"] / out["moonlet"]["step_s"], 3)
+        out["hf"] = {**report(_time_steps(hf_step, steps, warmup, device)), "optimizer": "adamw",
+                     "experts_implementation": hf_cfg._experts_implementation}
+        out["speedup_vs_hf"] = {name: round(out["hf"]["step_s"] / r["step_s"], 3) for name, r in out["moonlet"].items()}
     return out
 
 
@@ -307,13 +321,16 @@ def cli_bench_train(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
     ap.add_argument("--compare", choices=["hf", "none"], default="none", help="also time HF transformers")
-    ap.add_argument("--optimizer", choices=["muon", "adamw"], default="muon", help="moonlet's optimizer: MuonClip "
-                    "(QK-Clip + max-logit tracking) or AdamW (default: %(default)s)")
+    ap.add_argument("--optimizer", default="muon,adamw", help="moonlet's optimizers, comma-separated, one run each: "
+                    "muon = MuonClip (Newton-Schulz, max-logit tracking, QK-Clip), adamw = like-for-like with HF "
+                    "(default: %(default)s)")
     ap.add_argument("--compile", action="store_true", help="torch.compile moonlet's model")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (auto on known GPUs)")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     args = ap.parse_args(argv)
+    if bad := set(args.optimizer.split(",")) - {"muon", "adamw"}:
+        ap.error(f"--optimizer: unknown {sorted(bad)}; choose from muon, adamw")
     out = bench_train(args.preset, args.batch, args.seq_len, args.steps, args.warmup, args.compare == "hf",
-                      args.compile, args.peak_tflops, args.optimizer)
+                      args.compile, args.peak_tflops, tuple(args.optimizer.split(",")))
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
     return 0

@@ -82,20 +82,34 @@ def test_router_selects_with_the_bias_and_weights_with_unbiased_scores(groups):
             assert w == pytest.approx(ref[e], rel=1e-5)
 
 
-def test_grouped_mm_path_equals_the_per_expert_loop(monkeypatch):
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32], ids=["bf16-model", "fp32-master-autocast"])
+def test_grouped_mm_path_equals_the_per_expert_loop_forward_and_backward(monkeypatch, weight_dtype):
+    """The CUDA path (torch._grouped_mm, which also runs on CPU) against the loop: a bf16 model, and training
+    with fp32 master weights under bf16 autocast, where the op (no autocast rule) must cast for itself."""
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm not in this torch")
     cfg = ModelConfig.from_preset("tiny").with_(n_routed_experts=8, num_experts_per_tok=3)
-    experts = M.Experts(cfg).to(torch.bfloat16)
+    experts = M.Experts(cfg).to(weight_dtype)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    x = torch.randn(40, cfg.hidden_size, dtype=torch.bfloat16)
+    x = torch.randn(40, cfg.hidden_size, dtype=weight_dtype)
     ids = torch.randint(0, 7, (40, 3))  # expert 7 gets no tokens: empty groups must work
     weights = torch.rand(40, 3)
-    loop = experts(x, ids, weights)
-    monkeypatch.setattr(M, "use_grouped_mm", lambda t: True)  # the CUDA path's op also runs on CPU in bf16
-    grouped = experts(x, ids, weights)
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        experts.zero_grad()
+        out = experts(x, ids, weights)
+        out.float().square().sum().backward()
+        return out, [p.grad.clone() for p in experts.parameters()]
+
+    loop, loop_grads = run()
+    monkeypatch.setattr(M, "grouped_mm_dtype", lambda t: torch.bfloat16)
+    grouped, grouped_grads = run()
+    assert grouped.dtype == weight_dtype and all(g.dtype == weight_dtype for g in grouped_grads)
     torch.testing.assert_close(grouped.float(), loop.float(), rtol=2e-2, atol=2e-2)
+    for got, ref in zip(grouped_grads, loop_grads):  # bf16 compute: compare whole tensors, not elements
+        assert (got.float() - ref.float()).norm() < 2e-2 * ref.float().norm()
+    assert grouped_grads[0][7].abs().sum() == 0  # the expert without tokens gets no gradient
 
 
 def test_experts_match_a_dense_reference_including_repeated_tokens():
@@ -153,3 +167,27 @@ def test_max_logit_tracking_matches_explicit_attention_scores():
         scores = torch.einsum("bthd,bshd->bhts", q, k) * model.cfg.softmax_scale
         scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
     torch.testing.assert_close(attn.max_logits, scores.amax(dim=(0, 2, 3)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_autocast_training_runs_experts_on_grouped_mm_and_tracks_the_fp32_loss(monkeypatch):
+    """Training on GPU: fp32 master weights under bf16 autocast. The experts must take torch._grouped_mm (no
+    per-expert loop, no host sync) and the loss must match the fp32 model's."""
+    calls = []
+    grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or grouped_mm(*a, **kw))
+    model = moonlet.load("tiny", device="cuda").train()
+    ids = torch.randint(0, model.cfg.vocab_size, (4, 64), device="cuda")
+
+    def loss_of(logits: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+    ref = loss_of(model(ids))
+    assert not calls  # fp32 without autocast: the loop
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = loss_of(model(ids))
+    assert len(calls) == 3 * len(model.moe_layers())
+    assert loss.item() == pytest.approx(ref.item(), rel=2e-2)
+    loss.backward()
+    grad = model.moe_layers()[0].experts.down_proj.grad
+    assert grad.dtype == torch.float32 and grad.abs().sum() > 0

@@ -28,6 +28,16 @@ def test_newton_schulz_is_batched_over_stacked_experts_and_orthogonalizes():
     assert torch.allclose(tall, batched.mT, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(4, 24, 40), (40, 24), (3, 2, 24, 40)], ids=["stacked", "tall", "4-d"])
+def test_newton_schulz_flops_match_torchs_flop_counter(shape):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    G = torch.randn(shape)
+    with FlopCounterMode(display=False) as counter:
+        optim.newton_schulz(G, dtype=torch.float32)
+    assert counter.get_total_flops() == optim.newton_schulz_flops(G.shape)
+
+
 def test_muon_matches_torch_optim_muon_with_match_rms_adamw_on_a_matrix():
     torch.manual_seed(0)
     w0 = torch.randn(48, 32)
@@ -42,6 +52,28 @@ def test_muon_matches_torch_optim_muon_with_match_rms_adamw_on_a_matrix():
         peer.step()
     moved = (ref - w0).abs().max()
     assert (ours - ref).abs().max() < 0.02 * moved  # both bf16 Newton-Schulz, so agree to bf16 rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_groups_match_torch_optim_adamw(dtype):
+    torch.manual_seed(0)
+    shapes = [(48, 32), (32,), (8, 16, 12)]
+    ours = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().float().clone()) for p in ours]
+    opt = optim.MuonAdamW([dict(params=ours, kind="adamw")], lr=0.01, weight_decay=0.1)
+    peer = torch.optim.AdamW(ref, lr=0.01, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    for step in range(4):
+        grads = [torch.randn(s) for s in shapes]
+        for p, q, g in zip(ours, ref, grads):
+            p.grad, q.grad = g.to(dtype) if step != 2 or p.ndim != 1 else None, g.clone()
+            if p.grad is None:
+                q.grad = None  # a parameter without a gradient this step is skipped by both
+        opt.step()
+        peer.step()
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p.float(), q.detach(), rtol=tol, atol=tol)
+        assert p.dtype == dtype
 
 
 def test_muon_update_rms_matches_adamw_scale_for_stacked_experts():

@@ -146,3 +146,15 @@ def test_sigterm_checkpoints_and_the_run_resumes(corpus, tmp_path):
     assert step == len(read_metrics(out)) >= 2
     assert cli_train(_cmd(corpus, out, "--steps", str(step + 1), "--resume")) == 0
     assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 2))
+
+
+def test_bench_train_times_muonclip_and_adamw_against_hf_on_the_same_config():
+    from moonlet.train_reports import bench_train
+
+    out = bench_train("tiny", batch=2, seq_len=16, steps=1, warmup=1, compare_hf=True)
+    assert set(out["moonlet"]) == {"muon", "adamw"} and out["hf"]["optimizer"] == "adamw"
+    for name, r in out["moonlet"].items():
+        assert r["tokens_per_s"] == pytest.approx(32 / r["step_s"], rel=0.01)
+        assert out["speedup_vs_hf"][name] == pytest.approx(out["hf"]["step_s"] / r["step_s"], rel=0.01)
+    assert out["newton_schulz_flops_per_step"] > 0
+    assert out["train_flops_per_token"] > 0 and out["peak_flops"] is None  # no MFU without a known peak

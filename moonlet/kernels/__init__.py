@@ -1,5 +1,5 @@
-"""Custom kernels with torch fallbacks: importable (and correct, on the fallback) without Triton or a GPU."""
+"""Custom kernels with torch fallbacks: importable (and correct, on the fallback) without Triton or a GPU.
 
-from moonlet.kernels.w4a16 import HAS_TRITON, w4a16_grouped_matmul, w4a16_grouped_swiglu
-
-__all__ = ["HAS_TRITON", "w4a16_grouped_matmul", "w4a16_grouped_swiglu"]
+- w4a16: the INT4 routed-expert grouped matmul (decode GEMV and grouped prefill).
+- max_logits: the per-head causal max logit that QK-Clip records every training step.
+"""
