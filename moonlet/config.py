@@ -237,8 +237,9 @@ class ModelConfig:
         return {k: out[k] for k in order if k in out} | added
 
     def save(self, directory: str | Path) -> None:
-        path = Path(directory) / "config.json"
-        path.write_text(json.dumps(self.to_hf(), indent=2) + "\n")
+        """Write DIRECTORY/config.json in HF's format (the directory is created, as save_pretrained does)."""
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "config.json").write_text(json.dumps(self.to_hf(), indent=2) + "\n")
 
     @property
     def quantization_config(self) -> dict | None:

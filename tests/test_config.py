@@ -105,6 +105,12 @@ def test_config_reads_from_a_directory(tmp_path):
     assert cfg.q_lora_rank is None and cfg.n_shared_experts == 2
 
 
+def test_save_creates_the_directory_and_reads_back(tmp_path):
+    cfg = ModelConfig.from_preset("nano").with_(hidden_size=128, n_routed_experts=8)
+    cfg.save(tmp_path / "new" / "model")
+    assert ModelConfig.from_hf(tmp_path / "new" / "model") == cfg
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_is_valid_and_serializable(name):
     cfg = ModelConfig.from_preset(name)
