@@ -158,3 +158,11 @@ def test_bench_train_times_muonclip_and_adamw_against_hf_on_the_same_config():
         assert out["speedup_vs_hf"][name] == pytest.approx(out["hf"]["step_s"] / r["step_s"], rel=0.01)
     assert out["newton_schulz_flops_per_step"] > 0
     assert out["train_flops_per_token"] > 0 and out["peak_flops"] is None  # no MFU without a known peak
+
+
+def test_bench_train_rejects_an_unknown_optimizer_before_building_anything(capsys):
+    from moonlet.train_reports import cli_bench_train
+
+    with pytest.raises(SystemExit) as e:
+        cli_bench_train(["--preset", "tiny", "--optimizer", "muon,sgd"])
+    assert e.value.code == 2 and "unknown ['sgd']" in capsys.readouterr().err
