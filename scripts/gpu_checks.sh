@@ -5,6 +5,7 @@
 #   bash scripts/gpu_checks.sh decode   # moonlight-16b-a3b bf16 decode, batch 1 and 16, vs HF generate
 #   bash scripts/gpu_checks.sh int4     # the same shape with INT4 routed experts (target >= 1.4x bf16)
 #   bash scripts/gpu_checks.sh train    # moe-2b training step, batch 8 x 2048, vs HF (target >= 2x, >= 30% MFU)
+#   bash scripts/gpu_checks.sh train-compile   # the same moonlet steps under torch.compile
 set -euo pipefail
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
@@ -27,5 +28,8 @@ case "${1:-tests}" in
   train)
     python3 -m moonlet.cli bench train --preset moe-2b --batch 8 --seq-len 2048 --compare hf --json \
         | tee "$out/train.log" ;;
-  *) echo "usage: $0 tests|decode|int4|train" >&2; exit 2 ;;
+  train-compile)  # the same step under torch.compile (compiling happens in the untimed warm-up)
+    python3 -m moonlet.cli bench train --preset moe-2b --batch 8 --seq-len 2048 --compile --json \
+        | tee "$out/train_compile.log" ;;
+  *) echo "usage: $0 tests|decode|int4|train|train-compile" >&2; exit 2 ;;
 esac
