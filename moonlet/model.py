@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moonlet.config import ModelConfig
+from moonlet.kernels import autocast_dtype
 from moonlet.kernels.max_logits import causal_max_logits
 
 
@@ -140,8 +141,9 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         q_nope, q_pe = self.query(x, cos, sin)
         k, v = self.expand(*self.latent(x, cos, sin))
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B,H,T,qk]
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        dtype = autocast_dtype(x)  # cast once here, not inside SDPA and again for the max-logit kernel
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2).to(dtype)  # [B,H,T,qk]
+        k, v = k.transpose(1, 2).to(dtype), v.transpose(1, 2).to(dtype)
         if self.track_max_logits:
             self._record_max_logits(q, k)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.cfg.softmax_scale)
@@ -206,7 +208,7 @@ def grouped_mm_dtype(x: torch.Tensor) -> torch.dtype | None:
     weights, fp32 residual stream) we cast inputs and expert weights to bf16 ourselves."""
     if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
         return None
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    dtype = autocast_dtype(x)
     return dtype if dtype == torch.bfloat16 else None
 
 

@@ -11,22 +11,14 @@ from __future__ import annotations
 
 import torch
 
-try:  # optional: the package must import (and run, on the fallback) without Triton
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the machine
-    triton = tl = None
-    HAS_TRITON = False
+from moonlet.kernels import HAS_TRITON, autocast_dtype, tl, triton
 
 
 def causal_max_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """q, k [B, H, T, D] -> [H] fp32: max over batch and causal (query >= key) pairs of scale * q.k.
     Under CUDA autocast q and k are cast the way SDPA casts them, so the max is of the logits it computes."""
-    if q.is_cuda and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
-        q, k = q.to(dtype), k.to(dtype)
+    dtype = autocast_dtype(q)
+    q, k = q.to(dtype), k.to(dtype)
     if HAS_TRITON and q.is_cuda:
         return triton_causal_max_logits(q, k, scale)
     return torch_causal_max_logits(q, k, scale)

@@ -15,16 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moonlet.kernels import HAS_TRITON, tl, triton
 from moonlet.quant import dequantize, unpack
-
-try:  # optional: the package must import (and run, on the fallback) without Triton
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the machine
-    triton = tl = None
-    HAS_TRITON = False
 
 DECODE_MAX_ROWS = 16  # up to this many token-expert rows the GEMV path wins (no padding to tl.dot's 16 rows)
 
