@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from moonlet.model import MLA, MLP, Experts, MoE, RMSNorm, Router, Transformer
+from moonlet.model import MLA, MLP, Experts, MoE, RMSNorm, Router, Transformer, causal_attention
 
 # ------------------------------------------------------------------------------------------------------
 # attention over the latent cache
@@ -66,8 +66,7 @@ def _latent_attention_layer(mla: MLA, h: torch.Tensor, cos: torch.Tensor, sin: t
     if start == 0:  # expanded form: exactly the training forward
         k, v = mla.expand(c, k_pe)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                             scale=mla.cfg.softmax_scale)
+        out = causal_attention(q, k.transpose(1, 2), v.transpose(1, 2), mla.cfg.softmax_scale)
         out = out.transpose(1, 2).reshape(1, T, -1)
     else:
         out = absorbed_attention(mla, q_nope, q_pe, kv[None, : start + T])

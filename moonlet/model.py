@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 # attention
 
 
+# PyTorch's flash SDPA kernel needs equal q/k/v head dims; MLA's value dim is smaller (96/96/64 in moe-2b), which
+# leaves it the slower memory-efficient kernel. MOONLET_SDPA_PAD_V=0 turns the padding off (to compare).
+PAD_V_FOR_FLASH = os.environ.get("MOONLET_SDPA_PAD_V", "1") != "0"
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     pad_v: bool | None = None) -> torch.Tensor:
+    """Causal SDPA over [B,H,T,d] heads. On CUDA in half precision, v is zero-padded to the q/k head dim so
+    the flash kernel is eligible (as HF does for flash-attention-2) and the output is sliced back: the zero
+    columns give zero outputs and zero gradients, so the result is the same attention."""
+    dv, dqk = v.shape[-1], q.shape[-1]
+    if pad_v is None:
+        pad_v = PAD_V_FOR_FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dv < dqk <= 256
+    if not pad_v or dv == dqk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, dqk - dv)), is_causal=True, scale=scale)
+    return out[..., :dv]
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention. Keys and values come from a per-token latent c (kv_lora_rank) plus one
     rope key shared by all heads; the latent cache of the engine stores exactly (c, k_pe)."""
@@ -146,7 +166,7 @@ class MLA(nn.Module):
         k, v = k.transpose(1, 2).to(dtype), v.transpose(1, 2).to(dtype)
         if self.track_max_logits:
             self._record_max_logits(q, k)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.cfg.softmax_scale)
+        out = causal_attention(q, k, v, self.cfg.softmax_scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     @torch.no_grad()

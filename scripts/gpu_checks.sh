@@ -6,6 +6,7 @@
 #   bash scripts/gpu_checks.sh int4     # the same shape with INT4 routed experts (target >= 1.4x bf16)
 #   bash scripts/gpu_checks.sh train    # moe-2b training step, batch 8 x 2048, vs HF (target >= 2x, >= 30% MFU)
 #   bash scripts/gpu_checks.sh train-compile   # the same moonlet steps under torch.compile
+#   bash scripts/gpu_checks.sh train-nopad     # moonlet's steps without padding v for flash SDPA (to compare)
 set -euo pipefail
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
@@ -32,5 +33,8 @@ case "${1:-tests}" in
   train-compile)  # the same step under torch.compile (compiling happens in the untimed warm-up)
     python3 -m moonlet.cli bench train --preset moe-2b --batch 8 --seq-len 2048 --compile --json \
         | tee "$out/train_compile.log" ;;
-  *) echo "usage: $0 tests|decode|int4|train|train-compile" >&2; exit 2 ;;
+  train-nopad)  # MLA's v unpadded: SDPA's memory-efficient kernel instead of flash
+    MOONLET_SDPA_PAD_V=0 python3 -m moonlet.cli bench train --preset moe-2b --batch 8 --seq-len 2048 --json \
+        | tee "$out/train_nopad.log" ;;
+  *) echo "usage: $0 tests|decode|int4|train|train-compile|train-nopad" >&2; exit 2 ;;
 esac

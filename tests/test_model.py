@@ -169,6 +169,39 @@ def test_max_logit_tracking_matches_explicit_attention_scores():
     torch.testing.assert_close(attn.max_logits, scores.amax(dim=(0, 2, 3)))
 
 
+def test_padding_v_to_the_qk_head_dim_gives_the_same_attention_and_gradients():
+    """MLA's value head is narrower than its query/key head; zero-padding v (to make flash SDPA eligible) must
+    not change the output or any gradient."""
+    q, k = torch.randn(2, 3, 12, 24, requires_grad=True), torch.randn(2, 3, 12, 24, requires_grad=True)
+    v = torch.randn(2, 3, 12, 16, requires_grad=True)
+    grads = []
+    for pad in (False, True):
+        out = M.causal_attention(q, k, v, scale=0.2, pad_v=pad)
+        assert out.shape == (2, 3, 12, 16)
+        grads.append((out, *torch.autograd.grad((out * torch.arange(16.0)).sum(), (q, k, v))))
+    for plain, padded in zip(*grads):
+        torch.testing.assert_close(padded, plain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_mla_attention_is_eligible_for_flash_sdpa():
+    """With moe-2b's head dims (96/96/64) in bf16, plain SDPA has no flash kernel; causal_attention must run on
+    it (forward and backward) and agree with the math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k = (torch.randn(2, 16, 256, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 16, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with pytest.raises(RuntimeError):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = M.causal_attention(q, k, v, scale=96 ** -0.5)
+        out.float().square().sum().backward()
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    assert v.grad is not None and v.grad.shape == v.shape
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_autocast_training_runs_experts_on_grouped_mm_and_tracks_the_fp32_loss(monkeypatch):
     """Training on GPU: fp32 master weights under bf16 autocast. The experts must take torch._grouped_mm (no
