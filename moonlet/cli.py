@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trace": ("moonlet.agent.trace:cli_trace", "inspect agent traces (trace show TRACE)"),
     "data": ("moonlet.data:cli_data", "tokenize a text corpus or SFT JSONL into memory-mapped shards (cached)"),
     "train": ("moonlet.train:cli_train", "pretrain / SFT with MuonClip: resume, checkpoints, metrics, data parallel"),
-    "plot": ("moonlet.train_reports:cli_plot", "PNGs of loss, max attention logit and expert load of a training run"),
+    "plot": ("moonlet.train_reports:cli_plot", "PNGs of loss, max attention logit and expert load of a run, or several runs compared"),
     "experiment": ("moonlet.train_reports:cli_experiment", "reproduce a paper result at small scale (experiment muonclip)"),
     "quantize": ("moonlet.quant:cli_quantize", "RTN INT4 of the routed experts into K2 Thinking's compressed-tensors format"),
 }

@@ -78,16 +78,26 @@ def _save(fig, path: Path) -> Path:
 
 
 def cli_plot(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="moonlet plot", description="Write loss.png, max_logits.png and "
-                                 "expert_load.png from RUN_DIR/metrics.jsonl (needs matplotlib).")
-    ap.add_argument("run", help="run directory of `moonlet train`")
+    ap = argparse.ArgumentParser(prog="moonlet plot", description="One run: write loss.png, max_logits.png and "
+                                 "expert_load.png into RUN_DIR from its metrics.jsonl. Several runs: write "
+                                 "compare_loss.png (loss against tokens) and compare_max_logits.png into --out, one "
+                                 "line per run. Needs matplotlib.")
+    ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of `moonlet train`")
+    ap.add_argument("--out", default=".", help="where comparison plots go (several runs; default: %(default)s)")
+    ap.add_argument("--tau", type=float, default=None, help="draw the QK-Clip threshold on the max-logit plot")
     args = ap.parse_args(argv)
     try:
-        for p in plot_run(args.run):
-            print(p)
+        if len(args.runs) == 1:
+            paths = plot_run(args.runs[0])
+        else:
+            names = [Path(r).name for r in args.runs]
+            labels = names if len(set(names)) == len(names) else args.runs
+            paths = plot_comparison(dict(zip(labels, args.runs)), args.out, tau=args.tau)
     except FileNotFoundError as e:
         print(f"moonlet plot: {e}", file=sys.stderr)
         return 2
+    for p in paths:
+        print(p)
     return 0
 
 
@@ -145,35 +155,46 @@ def muonclip_experiment(out: Path, data: str, steps: int, lr: float, adamw_lr: f
     summary["muon_peak_over_tau"] = summary["muon"]["max_logit_peak"] / tau
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     try:
-        _plot_experiment(out, list(runs), tau)
+        plot_comparison({n: out / n for n in runs}, out, prefix="muonclip_", tau=tau)
     except ImportError:
         print("moonlet experiment: matplotlib missing, no plots", file=sys.stderr)
     return summary
 
 
-def _plot_experiment(out: Path, names: list[str], tau: float) -> None:
+def plot_comparison(runs: dict[str, str | Path], out: str | Path, prefix: str = "compare_",
+                    tau: float | None = None) -> list[Path]:
+    """Several runs on shared axes: {prefix}loss.png (train loss against tokens, lightly smoothed, with each
+    run's eval points) and {prefix}max_logits.png (max attention logit over all layers, tau dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = {n: read_metrics(out / n) for n in names}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    recs = {name: read_metrics(run) for name, run in runs.items()}
+    paths = []
     fig, ax = plt.subplots(figsize=(7, 4))
-    for n in names:
-        ax.plot([r["step"] for r in recs[n]], [r["max_logit"] for r in recs[n]], label=n)
-    ax.axhline(tau, color="k", ls="--", lw=1, label=f"tau = {tau:g}")
-    ax.set(xlabel="step", ylabel="max pre-softmax logit (all layers, heads)", title="max attention logit")
-    ax.legend()
-    _save(fig, out / "muonclip_max_logits.png")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for n in names:
-        xs = [r["tokens"] / 1e6 for r in recs[n]]
-        ys = [r["loss"] for r in recs[n]]
+    for name, rs in recs.items():
+        xs, ys = [r["tokens"] / 1e6 for r in rs], [r["loss"] for r in rs]
         k = max(1, len(ys) // 50)  # light smoothing: mean over k steps
-        ax.plot(xs[k - 1:], [sum(ys[i - k + 1:i + 1]) / k for i in range(k - 1, len(ys))], label=n)
-    ax.set(xlabel="tokens (M)", ylabel="train loss", title="loss at equal tokens")
+        line, = ax.plot(xs[k - 1:], [sum(ys[i - k + 1:i + 1]) / k for i in range(k - 1, len(ys))], label=name)
+        ev = [(r["tokens"] / 1e6, r["eval_loss"]) for r in rs if "eval_loss" in r]
+        if ev:
+            ax.plot(*zip(*ev), "o", color=line.get_color(), ms=4)
+    ax.set(xlabel="tokens (M)", ylabel="train loss (dots: eval)", title="loss at equal tokens")
     ax.legend()
-    _save(fig, out / "muonclip_loss.png")
+    paths.append(_save(fig, out / f"{prefix}loss.png"))
+    if all(any("max_logit" in r for r in rs) for rs in recs.values()):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, rs in recs.items():
+            ax.plot(*zip(*[(r["step"], r["max_logit"]) for r in rs if "max_logit" in r]), label=name)
+        if tau is not None:
+            ax.axhline(tau, color="k", ls="--", lw=1, label=f"tau = {tau:g}")
+        ax.set(xlabel="step", ylabel="max pre-softmax logit (all layers, heads)", title="max attention logit")
+        ax.legend()
+        paths.append(_save(fig, out / f"{prefix}max_logits.png"))
+    return paths
 
 
 def cli_experiment(argv: list[str]) -> int:

@@ -96,6 +96,31 @@ def test_plot_writes_loss_max_logit_and_expert_load_pngs(corpus, tmp_path):
     assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 
 
+def test_plot_of_several_runs_overlays_them_in_comparison_pngs(corpus, tmp_path):
+    from moonlet.train_reports import cli_plot
+
+    train(tc(corpus, tmp_path / "muon", steps=3))
+    train(tc(corpus, tmp_path / "adamw", steps=3, optimizer="adamw", lr=1e-3))
+    assert cli_plot([str(tmp_path / "muon"), str(tmp_path / "adamw"), "--out", str(tmp_path / "cmp"),
+                     "--tau", "100"]) == 0
+    for name in ("compare_loss.png", "compare_max_logits.png"):
+        png = tmp_path / "cmp" / name
+        assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert cli_plot([str(tmp_path / "muon"), str(tmp_path / "missing")]) == 2
+
+
+def test_muonclip_experiment_runs_four_arms_on_one_data_order_and_plots_them(corpus, tmp_path):
+    from moonlet.train_reports import muonclip_experiment
+
+    s = muonclip_experiment(tmp_path / "mc", str(corpus), steps=3, lr=2e-2, adamw_lr=3e-3, tau=0.05, seq_len=16,
+                            micro_batch=2, weight_decay=0.0, seed=0, progress=False)
+    assert s["muon"]["heads_clipped_total"] == 0 < s["muonclip"]["heads_clipped_total"]  # tau tiny: it must clip
+    assert s["muon_peak_over_tau"] == s["muon"]["max_logit_peak"] / 0.05
+    tokens = [[r["tokens"] for r in read_metrics(tmp_path / "mc" / n)] for n in ("muon", "muonclip", "adamw")]
+    assert tokens[0] == tokens[1] == tokens[2] == [32, 64, 96]
+    assert {p.name for p in (tmp_path / "mc").glob("*.png")} == {"muonclip_loss.png", "muonclip_max_logits.png"}
+
+
 def test_qat_flag_calls_moonlet_quant_or_fails_clearly(corpus, tmp_path):
     args = ["--model", "tiny", "--data", str(corpus), "--out", str(tmp_path / "q"), "--steps", "1",
             "--seq-len", "16", "--micro-batch", "1", "--no-progress", "--qat", "int4"]
