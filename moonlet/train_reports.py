@@ -1,7 +1,7 @@
-"""Looking at training runs and measuring training: `moonlet plot RUN_DIR` (loss, max attention logit per
-layer, expert load), `moonlet experiment muonclip` (the MuonClip reproduction at small scale) and
-`moonlet bench train` (moonlet's training step vs HF transformers', tokens/s and MFU on active parameters).
-The training loop itself is moonlet.train."""
+"""Looking at training runs and measuring training: `moonlet plot RUN_DIR...` (loss, max attention logit per
+layer, expert load; several runs compared), `moonlet experiment muonclip|int4` (K2's MuonClip and INT4 QAT
+results at small scale) and `moonlet bench train` (moonlet's training step vs HF transformers', tokens/s and
+MFU on active parameters). The training loop itself is moonlet.train."""
 
 from __future__ import annotations
 
@@ -197,6 +197,66 @@ def plot_comparison(runs: dict[str, str | Path], out: str | Path, prefix: str = 
     return paths
 
 
+# The INT4 experiment's model: K2's proportions inverted for a CPU (78 % of the weights in routed experts, the
+# INT4 part) with a small vocabulary, so training time goes into the experts rather than a 32k-row head.
+INT4_EXPERIMENT_MODEL = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=256, num_hidden_layers=3,
+                             num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=32, qk_nope_head_dim=16,
+                             qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=16, num_experts_per_tok=2)
+
+
+def int4_experiment(out: Path, data: str | None, steps: int, stage_steps: int, stage_lr: float, seeds: list[int],
+                    seq_len: int, micro_batch: int, vocab_size: int = 2048, eval_batches: int = 36,
+                    threads: int | None = 1, progress: bool = True) -> dict:
+    """bf16 vs RTN INT4 vs QAT INT4 of the routed experts at equal tokens, per seed: a bf16 run and a QAT run
+    from scratch; then, K2's recipe, a stage from the bf16 run's last step with and without QAT. Every arm is
+    evaluated on the val split in full precision and with INT4 experts (RTN; for QAT arms that is exactly the
+    grid they trained on). Without --data, a vocab_size BPE and its dataset are built from the Python docs."""
+    from moonlet import data as data_mod
+    from moonlet.checkpoint import load
+    from moonlet.quant import eval_loss, quantize_model
+    from moonlet.tokenizer import train_bpe
+
+    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        tok_dir, data = out / f"tokenizer{vocab_size}", str(out / "data")
+        if not (tok_dir / "tiktoken.model").is_file():
+            train_bpe([data_mod.PYTHON_DOCS], vocab_size).save(tok_dir)
+        data_mod.prepare(data_mod.PYTHON_DOCS, data, tokenizer_path=str(tok_dir))
+    vocab = json.loads((Path(data) / "meta.json").read_text())["vocab_size"]
+    cfg = ModelConfig.from_preset("nano").with_(**INT4_EXPERIMENT_MODEL, vocab_size=vocab, bos_token_id=vocab - 256,
+                                                 eos_token_id=vocab - 255, pad_token_id=vocab - 1)
+    cfg.save(out)
+    common = dict(model=str(out / "config.json"), data=data, seq_len=seq_len, micro_batch=micro_batch, keep=1,
+                  threads=threads, progress=progress)
+    summary: dict = {"steps": steps, "stage_steps": stage_steps, "stage_lr": stage_lr, "vocab_size": vocab,
+                     "tokens": steps * seq_len * micro_batch, "model": INT4_EXPERIMENT_MODEL, "seeds": {}}
+    for seed in seeds:
+        runs = {f"bf16_s{seed}": TrainConfig(out=str(out / f"bf16_s{seed}"), steps=steps, warmup=max(1, steps // 30),
+                                             seed=seed, **common)}
+        runs[f"qat_s{seed}"] = TrainConfig(**{**vars(runs[f"bf16_s{seed}"]), "out": str(out / f"qat_s{seed}"),
+                                              "qat": "int4"})
+        start = str(out / f"bf16_s{seed}" / "checkpoints" / f"step_{steps:07d}")
+        stage = dict(steps=stage_steps, warmup=max(1, stage_steps // 15), lr=stage_lr, init=start, seed=seed, **common)
+        runs[f"stage_bf16_s{seed}"] = TrainConfig(out=str(out / f"stage_bf16_s{seed}"), **stage)
+        runs[f"stage_qat_s{seed}"] = TrainConfig(out=str(out / f"stage_qat_s{seed}"), qat="int4", **stage)
+        evals = {}
+        for name, tc in runs.items():
+            train(tc)  # a finished run resumes from its last checkpoint and stops at once
+            model = load(Path(tc.out) / "checkpoints" / f"step_{tc.steps:07d}", dtype=torch.float32).eval()
+            full = eval_loss(model, data, seq_len, eval_batches)
+            evals[name] = {"full_precision": full, "int4": eval_loss(quantize_model(model), data, seq_len, eval_batches)}
+        rows = {}
+        for setting, bf16, qat in (("from_scratch", f"bf16_s{seed}", f"qat_s{seed}"),
+                                   ("k2_stage", f"stage_bf16_s{seed}", f"stage_qat_s{seed}")):
+            ref, rtn, q = evals[bf16]["full_precision"], evals[bf16]["int4"], evals[qat]["int4"]
+            rows[setting] = {"bf16": ref, "rtn_int4": rtn, "qat_master": evals[qat]["full_precision"], "qat_int4": q,
+                             "rtn_vs_bf16_pct": 100 * (rtn / ref - 1), "qat_int4_vs_bf16_pct": 100 * (q / ref - 1),
+                             "qat_int4_vs_rtn_pct": 100 * (q / rtn - 1)}
+        summary["seeds"][str(seed)] = rows
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def cli_experiment(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="moonlet experiment", description="Reproduce a paper result at small scale.")
     sub = ap.add_subparsers(dest="name", required=True)
@@ -218,7 +278,33 @@ def cli_experiment(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    q = sub.add_parser("int4", help="bf16 vs RTN INT4 vs QAT INT4 routed experts at equal tokens",
+                       description="K2 Thinking's INT4 QAT at CPU scale (docs/experiments/int4.md): per seed, bf16 and "
+                       "--qat int4 runs from scratch, then a stage from the bf16 run with and without QAT (K2's "
+                       "recipe); each evaluated on the val split in full precision and with INT4 experts. Writes "
+                       "OUT/summary.json. Defaults take ~40 min per seed on one CPU core.")
+    q.add_argument("--data", default=None, help="a `moonlet data prepare` directory (default: build a --vocab-size "
+                   "BPE and its dataset from the Python docs in OUT; a small vocabulary puts the compute in the experts)")
+    q.add_argument("--vocab-size", type=int, default=2048, help="tokenizer size when --data is not given "
+                   "(default: %(default)s)")
+    q.add_argument("--out", default="runs/int4", help="output directory (default: %(default)s)")
+    q.add_argument("--steps", type=int, default=3000, help="steps from scratch (default: %(default)s)")
+    q.add_argument("--stage-steps", type=int, default=300, help="steps of the later stage (default: %(default)s)")
+    q.add_argument("--stage-lr", type=float, default=2e-4, help="peak lr of the later stage, K2's (default: %(default)s)")
+    q.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
+    q.add_argument("--seq-len", type=int, default=256, help="(default: %(default)s)")
+    q.add_argument("--micro-batch", type=int, default=8, help="(default: %(default)s)")
+    q.add_argument("--eval-batches", type=int, default=36, help="val batches of 8 windows (default: %(default)s, "
+                   "all of the default val split)")
+    q.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    q.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     args = ap.parse_args(argv)
+    if args.name == "int4":
+        summary = int4_experiment(Path(args.out), args.data, args.steps, args.stage_steps, args.stage_lr,
+                                  [int(x) for x in args.seeds.split(",")], args.seq_len, args.micro_batch,
+                                  args.vocab_size, args.eval_batches, args.threads)
+        print(json.dumps(summary) if args.json else json.dumps(summary, indent=2))
+        return 0
     summary = muonclip_experiment(Path(args.out), args.data, args.steps, args.lr, args.adamw_lr, args.tau,
                                   args.seq_len, args.micro_batch, args.weight_decay, args.seed, args.threads)
     print(json.dumps(summary) if args.json else json.dumps(summary, indent=2))

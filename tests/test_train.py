@@ -121,6 +121,21 @@ def test_muonclip_experiment_runs_four_arms_on_one_data_order_and_plots_them(cor
     assert {p.name for p in (tmp_path / "mc").glob("*.png")} == {"muonclip_loss.png", "muonclip_max_logits.png"}
 
 
+def test_int4_experiment_compares_bf16_rtn_and_qat_arms_at_equal_tokens(corpus, tmp_path):
+    from moonlet.train_reports import int4_experiment
+
+    s = int4_experiment(tmp_path / "q", str(corpus), steps=3, stage_steps=2, stage_lr=2e-4, seeds=[0], seq_len=16,
+                        micro_batch=2, eval_batches=2, progress=False)
+    for setting in ("from_scratch", "k2_stage"):
+        row = s["seeds"]["0"][setting]
+        assert row["rtn_int4"] != row["bf16"]  # rounding the experts changes the model
+        assert row["qat_int4_vs_rtn_pct"] == pytest.approx(100 * (row["qat_int4"] / row["rtn_int4"] - 1))
+    runs = {n: read_metrics(tmp_path / "q" / n) for n in ("bf16_s0", "qat_s0", "stage_bf16_s0", "stage_qat_s0")}
+    assert [r["tokens"] for r in runs["bf16_s0"]] == [r["tokens"] for r in runs["qat_s0"]] == [32, 64, 96]
+    assert runs["stage_bf16_s0"][0]["loss"] == pytest.approx(runs["stage_qat_s0"][0]["loss"], rel=0.02)
+    assert json.loads((tmp_path / "q" / "summary.json").read_text()) == s
+
+
 def test_qat_flag_calls_moonlet_quant_or_fails_clearly(corpus, tmp_path):
     args = ["--model", "tiny", "--data", str(corpus), "--out", str(tmp_path / "q"), "--steps", "1",
             "--seq-len", "16", "--micro-batch", "1", "--no-progress", "--qat", "int4"]
