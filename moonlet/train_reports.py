@@ -182,7 +182,8 @@ def plot_comparison(runs: dict[str, str | Path], out: str | Path, prefix: str = 
         ev = [(r["tokens"] / 1e6, r["eval_loss"]) for r in rs if "eval_loss" in r]
         if ev:
             ax.plot(*zip(*ev), "o", color=line.get_color(), ms=4)
-    ax.set(xlabel="tokens (M)", ylabel="train loss (dots: eval)", title="loss at equal tokens")
+    has_eval = any("eval_loss" in r for rs in recs.values() for r in rs)
+    ax.set(xlabel="tokens (M)", ylabel="train loss" + (" (dots: eval)" if has_eval else ""), title="loss at equal tokens")
     ax.legend()
     paths.append(_save(fig, out / f"{prefix}loss.png"))
     if all(any("max_logit" in r for r in rs) for rs in recs.values()):
