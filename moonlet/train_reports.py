@@ -111,6 +111,17 @@ EXPERIMENT_MODEL = dict(hidden_size=128, intermediate_size=512, moe_intermediate
                         qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2)
 
 
+def experiment_config(model: dict, data: str | Path) -> ModelConfig:
+    """The `nano` preset with an experiment's overrides, sized to the tokenizer of a `moonlet data` directory
+    (moonlet tokenizers end with 256 special slots: [BOS] and [EOS] first, [PAD] last)."""
+    meta = Path(data) / "meta.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{data}: no meta.json; make it with `moonlet data prepare --out {data}`")
+    vocab = json.loads(meta.read_text())["vocab_size"]
+    return ModelConfig.from_preset("nano").with_(**model, vocab_size=vocab, bos_token_id=vocab - 256,
+                                                 eos_token_id=vocab - 255, pad_token_id=vocab - 1)
+
+
 def experiment_runs(out: Path, data: str, steps: int, lr: float, adamw_lr: float, tau: float, seq_len: int,
                     micro_batch: int, weight_decay: float, seed: int, threads: int | None = 1,
                     progress: bool = True) -> dict[str, TrainConfig]:
@@ -133,8 +144,7 @@ def muonclip_experiment(out: Path, data: str, steps: int, lr: float, adamw_lr: f
     clipped), MuonClip (same lr, QK-Clip at tau), and AdamW vs MuonClip at AdamW's lr (Moonlight's RMS
     matching makes the lr carry over); then comparison plots. Finished runs are reused (resume)."""
     out.mkdir(parents=True, exist_ok=True)
-    cfg = ModelConfig.from_preset("nano").with_(**EXPERIMENT_MODEL)
-    cfg.save(out)
+    experiment_config(EXPERIMENT_MODEL, data).save(out)
     runs = experiment_runs(out, data, steps, lr, adamw_lr, tau, seq_len, micro_batch, weight_decay, seed, threads,
                            progress)
     summary: dict = {"tau": tau, "steps": steps, "tokens": steps * seq_len * micro_batch, "lr_muon": lr,
@@ -223,13 +233,11 @@ def int4_experiment(out: Path, data: str | None, steps: int, stage_steps: int, s
         if not (tok_dir / "tiktoken.model").is_file():
             train_bpe([data_mod.PYTHON_DOCS], vocab_size).save(tok_dir)
         data_mod.prepare(data_mod.PYTHON_DOCS, data, tokenizer_path=str(tok_dir))
-    vocab = json.loads((Path(data) / "meta.json").read_text())["vocab_size"]
-    cfg = ModelConfig.from_preset("nano").with_(**INT4_EXPERIMENT_MODEL, vocab_size=vocab, bos_token_id=vocab - 256,
-                                                 eos_token_id=vocab - 255, pad_token_id=vocab - 1)
+    cfg = experiment_config(INT4_EXPERIMENT_MODEL, data)
     cfg.save(out)
     common = dict(model=str(out / "config.json"), data=data, seq_len=seq_len, micro_batch=micro_batch, keep=1,
                   threads=threads, progress=progress)
-    summary: dict = {"steps": steps, "stage_steps": stage_steps, "stage_lr": stage_lr, "vocab_size": vocab,
+    summary: dict = {"steps": steps, "stage_steps": stage_steps, "stage_lr": stage_lr, "vocab_size": cfg.vocab_size,
                      "tokens": steps * seq_len * micro_batch, "model": INT4_EXPERIMENT_MODEL, "seeds": {}}
     for seed in seeds:
         runs = {f"bf16_s{seed}": TrainConfig(out=str(out / f"bf16_s{seed}"), steps=steps, warmup=max(1, steps // 30),
@@ -300,14 +308,17 @@ def cli_experiment(argv: list[str]) -> int:
     q.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     q.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     args = ap.parse_args(argv)
-    if args.name == "int4":
-        summary = int4_experiment(Path(args.out), args.data, args.steps, args.stage_steps, args.stage_lr,
-                                  [int(x) for x in args.seeds.split(",")], args.seq_len, args.micro_batch,
-                                  args.vocab_size, args.eval_batches, args.threads)
-        print(json.dumps(summary) if args.json else json.dumps(summary, indent=2))
-        return 0
-    summary = muonclip_experiment(Path(args.out), args.data, args.steps, args.lr, args.adamw_lr, args.tau,
-                                  args.seq_len, args.micro_batch, args.weight_decay, args.seed, args.threads)
+    try:
+        if args.name == "int4":
+            summary = int4_experiment(Path(args.out), args.data, args.steps, args.stage_steps, args.stage_lr,
+                                      [int(x) for x in args.seeds.split(",")], args.seq_len, args.micro_batch,
+                                      args.vocab_size, args.eval_batches, args.threads)
+        else:
+            summary = muonclip_experiment(Path(args.out), args.data, args.steps, args.lr, args.adamw_lr, args.tau,
+                                          args.seq_len, args.micro_batch, args.weight_decay, args.seed, args.threads)
+    except FileNotFoundError as e:
+        print(f"moonlet experiment: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary) if args.json else json.dumps(summary, indent=2))
     return 0
 
