@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("moonlet.data:cli_data", "tokenize a text corpus or SFT JSONL into memory-mapped shards (cached)"),
     "train": ("moonlet.train:cli_train", "pretrain / SFT with MuonClip: resume, checkpoints, metrics, data parallel"),
     "plot": ("moonlet.train_reports:cli_plot", "PNGs of loss, max attention logit and expert load of a run, or several runs compared"),
-    "experiment": ("moonlet.train_reports:cli_experiment", "reproduce a paper result at small scale (experiment muonclip)"),
+    "experiment": ("moonlet.train_reports:cli_experiment", "reproduce a K2 result at small scale (experiment muonclip|int4)"),
     "quantize": ("moonlet.quant:cli_quantize", "RTN INT4 of the routed experts into K2 Thinking's compressed-tensors format"),
 }
 

@@ -208,8 +208,8 @@ def plot_comparison(runs: dict[str, str | Path], out: str | Path, prefix: str = 
     return paths
 
 
-# The INT4 experiment's model: K2's proportions inverted for a CPU (78 % of the weights in routed experts, the
-# INT4 part) with a small vocabulary, so training time goes into the experts rather than a 32k-row head.
+# The INT4 experiment's model: as in K2, most weights (78 %) are routed experts, the INT4 part; a small vocabulary
+# (--vocab-size) keeps the training time in the experts rather than in a 32k-row embedding and head.
 INT4_EXPERIMENT_MODEL = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=256, num_hidden_layers=3,
                              num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=32, qk_nope_head_dim=16,
                              qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=16, num_experts_per_tok=2)
