@@ -226,6 +226,53 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _identical_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Tokens before the first difference, minimum over rows, of two [B, N] id tensors."""
+    return min(next((i for i, (x, y) in enumerate(zip(r, s)) if x != y), len(r)) for r, s in zip(a.tolist(), b.tolist()))
+
+
+def _bench_decode_batch(model, hf, prompts: torch.Tensor, N: int, args: argparse.Namespace, dev: torch.device,
+                        peak: float | None) -> tuple[dict, float, torch.Tensor]:
+    """One batch size of `bench decode`: moonlet (and HF when given), timed alternately, best of each.
+    Returns the JSON row, moonlet's best seconds and its greedy ids [B, N]."""
+    B, P = prompts.shape
+    params = SamplingParams(temperature=0, max_tokens=N, ignore_eos=True)
+    engine = Engine(model, None, max_batch_size=B, max_seq_len=P + N + 1, prefix_cache_bytes=0,
+                    cuda_graphs=False if args.no_cuda_graphs else None)
+    ids = prompts.to(dev)
+    _time_engine(engine, prompts, params, dev)  # warm-up (captures the CUDA graphs it will need)
+    if hf is not None:
+        _time_hf(hf, ids, 8, dev)  # warm-up
+    # timed runs alternate between the two, so load from other processes hits both alike; best of each
+    ours, theirs = [], []
+    for _ in range(args.repeats):
+        ours.append(_time_engine(engine, prompts, params, dev))
+        if hf is not None:
+            theirs.append(_time_hf(hf, ids, N, dev))
+    total, first, reqs = min(ours, key=lambda run: run[0])
+    ours_ids = torch.tensor([r.output_ids for r in reqs], device=dev)
+    decode_tps = B * (N - 1) / max(total - first, 1e-9)
+    gbps = decode_bytes_per_step(model, B, P + N // 2) * decode_tps / B / 1e9
+    row = {"batch": B, "moonlet_tokens_per_s": round(B * N / total, 2),
+           "moonlet_decode_tokens_per_s": round(decode_tps, 2), "moonlet_ttft_ms": round(first * 1e3, 2),
+           "achieved_GBps": round(gbps, 2), "hbm_roofline_fraction": round(gbps * 1e9 / peak, 4) if peak else None,
+           "moonlet_decode": ("cuda_graphs" if engine.decoder.use_graphs
+                              else "compiled" if engine.decoder.compiled is not None else "eager")}
+    del engine
+    if hf is not None:
+        hf_time, hf_ids = min(theirs, key=lambda run: run[0])
+        row |= {"hf_tokens_per_s": round(B * N / hf_time, 2),
+                "speedup_vs_hf": round(hf_time / total, 2),
+                # fraction of each row before the first token that differs from HF generate's (min over rows)
+                "greedy_tokens_identical_to_hf": _identical_prefix(ours_ids, hf_ids) / N,
+                # near-ties in random weights can flip a greedy pick (HF generate's cached decode and HF's
+                # own full forward disagree too), so also: the fraction of tokens that are HF's full-forward
+                # argmax given the same prefix, for our tokens and for HF generate's
+                "greedy_tokens_match_hf_forward": _hf_forward_agreement(hf, ids, ours_ids),
+                "hf_generate_tokens_match_hf_forward": _hf_forward_agreement(hf, ids, hf_ids)}
+    return row, total, ours_ids
+
+
 def cli_bench_decode(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="moonlet bench decode", description="Greedy decode tokens/s of the moonlet "
                                  "engine, and of HF transformers generate on the same weights (--compare hf), "
@@ -235,8 +282,8 @@ def cli_bench_decode(argv: list[str]) -> int:
     ap.add_argument("--prompt-len", type=int, default=256, help="random prompt tokens per request (256)")
     ap.add_argument("--new-tokens", type=int, default=128, help="greedy tokens decoded per request (128)")
     ap.add_argument("--compare", choices=["none", "hf"], default="none", help="hf: also time HF transformers' generate on the same weights in this process")
-    ap.add_argument("--quant", choices=["none", "int4"], default="none",
-                    help="int4: moonlet.quant.quantize_model (routed experts W4A16) before timing moonlet")
+    ap.add_argument("--quant", default="none", help="none, int4 (moonlet.quant.quantize_model: routed experts "
+                    "W4A16), or none,int4: both on the same weights in one run, with int4's speedup over bf16")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: run the decode step eagerly")
     ap.add_argument("--compile", action="store_true", help="torch.compile moonlet's decode step where no CUDA "
                     "graphs run (same as MOONLET_COMPILE=1); compiling happens in the untimed warm-up")
@@ -245,60 +292,37 @@ def cli_bench_decode(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         raise SystemExit(f"--repeats {args.repeats}: must be >= 1")
+    quants = args.quant.split(",")
+    if any(q not in ("none", "int4") for q in quants) or len(set(quants)) < len(quants):
+        ap.error(f"--quant {args.quant!r}: give none, int4 or none,int4")
+    quants.sort(key=["none", "int4"].index)  # bf16 first: quantizing replaces the experts in place
     if args.compile:
         os.environ["MOONLET_COMPILE"] = "1"  # read by the engine's Decoder
     batches = [int(b) for b in args.batch.split(",")]
     P, N = args.prompt_len, args.new_tokens
     model = _load_model(args)
-    hf = hf_twin(model) if args.compare == "hf" else None  # before quantization: HF runs the bf16 weights
-    if args.quant == "int4":
-        from moonlet.quant import quantize_model
-
-        model = quantize_model(model)
+    hf = hf_twin(model) if args.compare == "hf" else None  # HF holds the bf16 weights even after quantization
     dev = next(model.parameters()).device
     peak = _hbm_bytes_per_s(dev)
     gen = torch.Generator().manual_seed(0)
-    rows = []
-    for B in batches:
-        prompts = torch.randint(0, model.cfg.vocab_size, (B, P), generator=gen)
-        params = SamplingParams(temperature=0, max_tokens=N, ignore_eos=True)
-        engine = Engine(model, None, max_batch_size=B, max_seq_len=P + N + 1, prefix_cache_bytes=0,
-                        cuda_graphs=False if args.no_cuda_graphs else None)
-        ids = prompts.to(dev)
-        _time_engine(engine, prompts, params, dev)  # warm-up (captures the CUDA graphs it will need)
-        if hf is not None:
-            _time_hf(hf, ids, 8, dev)  # warm-up
-        # timed runs alternate between the two, so load from other processes hits both alike; best of each
-        ours, theirs = [], []
-        for _ in range(args.repeats):
-            ours.append(_time_engine(engine, prompts, params, dev))
-            if hf is not None:
-                theirs.append(_time_hf(hf, ids, N, dev))
-        total, first, reqs = min(ours, key=lambda run: run[0])
-        decode_tps = B * (N - 1) / max(total - first, 1e-9)
-        gbps = decode_bytes_per_step(model, B, P + N // 2) * decode_tps / B / 1e9
-        row = {"batch": B, "moonlet_tokens_per_s": round(B * N / total, 2),
-               "moonlet_decode_tokens_per_s": round(decode_tps, 2), "moonlet_ttft_ms": round(first * 1e3, 2),
-               "achieved_GBps": round(gbps, 2), "hbm_roofline_fraction": round(gbps * 1e9 / peak, 4) if peak else None,
-               "moonlet_decode": ("cuda_graphs" if engine.decoder.use_graphs
-                                  else "compiled" if engine.decoder.compiled is not None else "eager")}
-        del engine
-        if hf is not None:
-            hf_time, hf_ids = min(theirs, key=lambda run: run[0])
-            ours_ids = torch.tensor([r.output_ids for r in reqs], device=dev)
-            first_diff = [next((i for i, (a, b) in enumerate(zip(o, h)) if a != b), N)
-                          for o, h in zip(ours_ids.tolist(), hf_ids.tolist())]
-            row |= {"hf_tokens_per_s": round(B * N / hf_time, 2),
-                    "speedup_vs_hf": round(hf_time / total, 2),
-                    # fraction of each row before the first token that differs from HF generate's (min over rows)
-                    "greedy_tokens_identical_to_hf": min(first_diff) / N,
-                    # near-ties in random weights can flip a greedy pick (HF generate's cached decode and HF's
-                    # own full forward disagree too), so also: the fraction of tokens that are HF's full-forward
-                    # argmax given the same prefix, for our tokens and for HF generate's
-                    "greedy_tokens_match_hf_forward": _hf_forward_agreement(hf, ids, ours_ids),
-                    "hf_generate_tokens_match_hf_forward": _hf_forward_agreement(hf, ids, hf_ids)}
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr if args.json else sys.stdout)
+    prompts = {B: torch.randint(0, model.cfg.vocab_size, (B, P), generator=gen) for B in batches}
+    rows, baseline = [], {}  # baseline: batch -> (seconds, output ids) of the unquantized run
+    for quant in quants:
+        if quant == "int4":
+            from moonlet.quant import quantize_model
+
+            model = quantize_model(model)
+        for B in batches:
+            row, seconds, ids = _bench_decode_batch(model, hf if quant == "none" else None, prompts[B], N, args,
+                                                    dev, peak)
+            row = {"quant": quant, **row}
+            if quant == "none":
+                baseline[B] = seconds, ids
+            elif B in baseline:
+                row["speedup_vs_unquantized"] = round(baseline[B][0] / seconds, 3)
+                row["greedy_tokens_identical_to_unquantized"] = _identical_prefix(ids, baseline[B][1]) / N
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr if args.json else sys.stdout)
     result = {"bench": "decode", "model": args.model, "device": str(dev), "dtype": str(model.embed_tokens.weight.dtype).removeprefix("torch."),
               "threads": torch.get_num_threads(), "quant": args.quant, "prompt_len": P, "new_tokens": N,
               "hbm_bytes_per_s": peak, "repeats": args.repeats, "results": rows}

@@ -378,7 +378,9 @@ def _hf_train_step(cfg, mode: str, x: torch.Tensor, autocast, device: torch.devi
     hf_cfg = transformers.DeepseekV3Config(**cfg.to_hf())
     hf_cfg._experts_implementation = "grouped_mm" if device.type == "cuda" else "eager"
     hf_cfg._attn_implementation = "sdpa"
-    hf = transformers.DeepseekV3ForCausalLM(hf_cfg).to(device, torch.bfloat16 if mode == "bf16" else torch.float32)
+    with device:  # initialized where it runs: a CPU init of a 2B model takes minutes of a lent GPU's time
+        hf = transformers.DeepseekV3ForCausalLM(hf_cfg)
+    hf = hf.to(torch.bfloat16 if mode == "bf16" else torch.float32)
     hf.train()
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=device.type == "cuda")
     ctx = autocast if mode == "amp" else contextlib.nullcontext()

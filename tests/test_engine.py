@@ -361,3 +361,30 @@ def test_prefix_cache_bench_reports_the_hit_as_cached_tokens(capsys):
                                    "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["cached_tokens"] == 128 and result["ttft_hit_ms"] > 0 and result["ttft_miss_ms"] > 0
+
+
+def test_decode_bench_runs_hf_on_the_same_weights_and_int4_against_bf16_in_one_process(capsys):
+    import json
+
+    from moonlet.generate import cli_bench_decode
+
+    assert cli_bench_decode(["--model", "tiny", "--batch", "1,2", "--prompt-len", "16", "--new-tokens", "8",
+                             "--compare", "hf", "--quant", "none,int4", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {(r["quant"], r["batch"]): r for r in result["results"]}
+    assert set(rows) == {("none", 1), ("none", 2), ("int4", 1), ("int4", 2)}
+    for batch in (1, 2):
+        bf16, int4 = rows["none", batch], rows["int4", batch]
+        # fp32 on CPU: every greedy token is the argmax of HF's own full forward over the same prefix
+        assert bf16["greedy_tokens_match_hf_forward"] == 1.0
+        assert bf16["hf_tokens_per_s"] > 0 and bf16["speedup_vs_hf"] > 0 and bf16["moonlet_decode"] == "eager"
+        assert "hf_tokens_per_s" not in int4  # HF runs the unquantized weights only
+        assert int4["speedup_vs_unquantized"] > 0 and 0 <= int4["greedy_tokens_identical_to_unquantized"] <= 1
+
+
+def test_decode_bench_refuses_an_unknown_quant_before_loading_anything(capsys):
+    from moonlet.generate import cli_bench_decode
+
+    with pytest.raises(SystemExit):
+        cli_bench_decode(["--model", "tiny", "--quant", "int8"])
+    assert "--quant 'int8'" in capsys.readouterr().err
