@@ -331,6 +331,10 @@ def cli_bench_decode(argv: list[str]) -> int:
         result["hf_experts_implementation"] = getattr(hf.config, "_experts_implementation", None)
     if dev.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(dev)
+        if "int4" in quants:
+            from moonlet.kernels.w4a16 import tuned_gemv_tiles
+
+            result["w4a16_gemv_tiles"] = tuned_gemv_tiles()  # the autotuner's pick per (rows, N, K, swiglu)
     print(json.dumps(result))
     return 0
 

@@ -112,6 +112,49 @@ def test_triton_kernels_match_dequantized_reference(path, counts, monkeypatch):
         assert torch.allclose(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol), (dtype, path)
 
 
+@pytest.mark.skipif(not RUN_TRITON, reason="needs Triton on CUDA, or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("tile", w4a16.GEMV_TILES)
+def test_every_gemv_tile_the_autotuner_may_pick_matches_the_reference(tile):
+    dev = "cuda" if CUDA else "cpu"
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    experts = packed_experts(device=dev)
+    counts = torch.tensor([1, 0, 2, 0, 0, 1], device=dev)
+    xs = torch.randn(4, 128, generator=torch.Generator().manual_seed(2)).to(dev, dtype)
+    out = w4a16.triton_grouped_swiglu(xs, counts, *args(experts, dtype), gemv_tile=tile)
+    ref = dense_reference(xs.float(), counts, experts, torch.float32)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+
+
+def _has_nvidia_backend() -> bool:
+    if not w4a16.HAS_TRITON:
+        return False
+    import triton
+
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="needs Triton with its NVIDIA backend (ptxas, cuobjdump)")
+def test_every_triton_launch_configuration_compiles_for_hopper_without_register_spills():
+    """No GPU needed: Triton compiles for sm_90 and cuobjdump reads registers and stack (where spills go) off the
+    machine code. A real subprocess,
+    since kernels imported under TRITON_INTERPRET=1 (as the CPU tests run) cannot be compiled."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "moonlet.kernels.aot"], env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    kernels = {r["kernel"] for r in rows}
+    assert kernels == {"w4a16_gemv", "w4a16_grouped_gemm", "causal_max_logits"}
+    assert len([r for r in rows if r["kernel"] == "w4a16_gemv"]) == 2 * len(w4a16.GEMV_TILES)
+    assert [r for r in rows if r["stack_bytes"] or r["local_bytes"]] == []
+    assert all(0 < r["registers"] <= 255 for r in rows)
+
+
 @pytest.mark.skipif(not (CUDA and w4a16.HAS_TRITON), reason="needs CUDA and Triton")
 def test_int4_model_on_cuda_uses_triton_and_matches_dequantized_model():
     from moonlet.checkpoint import build

@@ -3,7 +3,9 @@ pack-quantized: int32 [E, N, K/8] with nibble j of word g = column 8g+j, scales 
 
 PyTorch has no int4 grouped GEMM, so moonlet brings its own (Triton on CUDA):
 - decode (few rows): one program per (token-expert row, N tile), a GEMV that reads only the experts the
-  tokens were routed to; at batch 1 that is all the weight traffic there is (top-k of E experts).
+  tokens were routed to; at batch 1 that is all the weight traffic there is (top-k of E experts). It is
+  bound by how many bytes are in flight, so on CUDA its tile shape is autotuned per (rows, N, K): from
+  many narrow programs that each read a whole row in one go to wider ones that loop over K.
 - prefill (many rows): rows are sorted by expert; each program owns BLOCK_M rows of one expert and an N tile
   and runs tl.dot on tiles dequantized in registers. Blocks are planned on the device (no host sync).
 gate and up share one pass that writes silu(gate) * up; down is the same kernel without the SwiGLU.
@@ -12,6 +14,8 @@ Everywhere else (CPU, no Triton) a torch fallback dequantizes only the active ex
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +23,11 @@ from moonlet.kernels import HAS_TRITON, tl, triton
 from moonlet.quant import dequantize, unpack
 
 DECODE_MAX_ROWS = 16  # up to this many token-expert rows the GEMV path wins (no padding to tl.dot's 16 rows)
+# GEMV tiles (BLOCK_N, BLOCK_K, num_warps) tried on CUDA, all free of register spills on sm_90 (ptxas -v, see
+# tests/test_kernels.py); Triton's interpreter (CPU tests) cannot time them and runs the first
+GEMV_TILES = [(32, 128, 4), (16, 256, 4), (8, 512, 4), (4, 1024, 4), (8, 1024, 8), (4, 2048, 8)]
+# grouped-GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps): few rows per expert (under 32 on average), many
+GEMM_TILES = {"few": (16, 64, 64, 4), "many": (64, 64, 64, 4)}
 
 
 def use_triton(x: torch.Tensor, group_size: int) -> bool:
@@ -65,10 +74,12 @@ def torch_grouped_swiglu(xs, counts, gate_packed, gate_scale, up_packed, up_scal
 # Triton
 
 
-def triton_grouped_swiglu(xs, counts, gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale):
+def triton_grouped_swiglu(xs, counts, gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale,
+                          gemv_tile: tuple[int, int, int] | None = None):
+    """`gemv_tile` (BLOCK_N, BLOCK_K, num_warps) replaces the autotuned GEMV tile (tests try each one)."""
     xs = xs.contiguous()
-    h = _triton_matmul(xs, counts, gate_packed, gate_scale, up_packed, up_scale)  # silu(gate) * up, [M, I]
-    return _triton_matmul(h, counts, down_packed, down_scale, None, None)
+    h = _triton_matmul(xs, counts, gate_packed, gate_scale, up_packed, up_scale, gemv_tile)  # silu(gate) * up
+    return _triton_matmul(h, counts, down_packed, down_scale, None, None, gemv_tile)
 
 
 def _block_table(counts: torch.Tensor, M: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -90,7 +101,8 @@ def _block_table(counts: torch.Tensor, M: int, block_m: int) -> tuple[torch.Tens
 
 
 def _triton_matmul(x: torch.Tensor, counts: torch.Tensor, p1: torch.Tensor, s1: torch.Tensor,
-                   p2: torch.Tensor | None, s2: torch.Tensor | None) -> torch.Tensor:
+                   p2: torch.Tensor | None, s2: torch.Tensor | None,
+                   gemv_tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """y = x_e @ W1_e^T, or silu(x_e @ W1_e^T) * (x_e @ W2_e^T) when W2 is given; x [M, K] sorted by expert."""
     M, K = x.shape
     E, N = p1.shape[0], p1.shape[1]
@@ -106,17 +118,38 @@ def _triton_matmul(x: torch.Tensor, counts: torch.Tensor, p1: torch.Tensor, s1: 
                   SWIGLU=swiglu)
     if M <= DECODE_MAX_ROWS:
         rows = torch.repeat_interleave(torch.arange(E, device=x.device, dtype=torch.int32), counts, output_size=M)
-        BLOCK_N, BLOCK_K = 32, max(128, group)
-        grid = (M, triton.cdiv(N, BLOCK_N))
-        _w4a16_gemv_kernel[grid](x, rows, p1, s1, p2, s2, y, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4,
-                                 **common)
+        grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))
+        if gemv_tile is None:
+            _w4a16_gemv_kernel[grid](x, rows, p1, s1, p2, s2, y, M, **common)
+        else:
+            n, k, warps = gemv_tile
+            _w4a16_gemv_kernel.fn[grid](x, rows, p1, s1, p2, s2, y, M, BLOCK_N=n, BLOCK_K=max(k, group),
+                                        num_warps=warps, **common)
         return y
-    BLOCK_M, BLOCK_N, BLOCK_K = (16 if M < 32 * E else 64), 64, max(64, group)
+    BLOCK_M, BLOCK_N, BLOCK_K, warps = GEMM_TILES["few" if M < 32 * E else "many"]
     expert, row, end, n_prog = _block_table(counts, M, BLOCK_M)
     grid = (n_prog, triton.cdiv(N, BLOCK_N))
     _w4a16_grouped_gemm_kernel[grid](x, expert, row, end, p1, s1, p2, s2, y, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                                     BLOCK_K=BLOCK_K, IEEE=x.dtype == torch.float32, num_warps=4, **common)
+                                     BLOCK_K=max(BLOCK_K, group), IEEE=x.dtype == torch.float32, num_warps=warps,
+                                     **common)
     return y
+
+
+def tuned_gemv_tiles() -> dict[str, str]:
+    """The GEMV tile the autotuner picked for each (rows, N, K, swiglu) seen so far (for benchmark reports)."""
+    cache = getattr(_w4a16_gemv_kernel, "cache", {}) if HAS_TRITON else {}
+    return {str(key[:4]): str(config) for key, config in cache.items()}
+
+
+def _gemv_configs() -> list:
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in GEMV_TILES[: 1 if interpret else None]]
+
+
+def _gemv_prune(configs: list, nargs: dict, **kwargs) -> list:
+    """A tile covers whole quantization groups: BLOCK_K >= GROUP (a multiple, both powers of 2)."""
+    group = kwargs.get("GROUP", nargs.get("GROUP"))
+    return [c for c in configs if c.kwargs["BLOCK_K"] >= group] or [triton.Config({"BLOCK_N": 32, "BLOCK_K": group})]
 
 
 if HAS_TRITON:
@@ -136,30 +169,30 @@ if HAS_TRITON:
         w = tl.reshape(q, (BLOCK_N, BLOCK_K // GROUP, GROUP)).to(tl.float32) * s.to(tl.float32)[:, :, None]
         return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
+    @triton.autotune(configs=_gemv_configs(), key=["M", "N", "K", "SWIGLU"],
+                     prune_configs_by={"early_config_prune": _gemv_prune})
     @triton.jit
-    def _w4a16_gemv_kernel(X, RowExpert, P1, S1, P2, S2, Y, N, K, stride_xm, stride_pe, stride_pn, stride_se,
+    def _w4a16_gemv_kernel(X, RowExpert, P1, S1, P2, S2, Y, M, N, K, stride_xm, stride_pe, stride_pn, stride_se,
                            stride_sn, stride_ym, GROUP: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
-        m = tl.program_id(0)
+        m = tl.program_id(0)  # one token-expert row (M of them: the autotuning key's batch size)
         e = tl.load(RowExpert + m).to(tl.int64)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        # elementwise partial sums, reduced across K once at the end (no cross-thread reduction per tile)
-        acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        # each tile is reduced as it arrives: [BLOCK_N] accumulators leave the registers to the loads in flight
+        acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(X + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
             w1 = _dequant_tile(P1, S1, e, offs_n, n_mask, k0, K, stride_pe, stride_pn, stride_se, stride_sn,
                                GROUP, BLOCK_N, BLOCK_K)
-            acc1 += w1 * x[None, :]
+            acc1 += tl.sum(w1 * x[None, :], axis=1)
             if SWIGLU:
                 w2 = _dequant_tile(P2, S2, e, offs_n, n_mask, k0, K, stride_pe, stride_pn, stride_se, stride_sn,
                                    GROUP, BLOCK_N, BLOCK_K)
-                acc2 += w2 * x[None, :]
-        acc1 = tl.sum(acc1, axis=1)
+                acc2 += tl.sum(w2 * x[None, :], axis=1)
         if SWIGLU:
-            acc2 = tl.sum(acc2, axis=1)
             acc1 = acc1 / (1.0 + tl.exp(-acc1)) * acc2
         tl.store(Y + m * stride_ym + offs_n, acc1.to(Y.dtype.element_ty), mask=n_mask)
 
