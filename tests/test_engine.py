@@ -388,3 +388,18 @@ def test_decode_bench_refuses_an_unknown_quant_before_loading_anything(capsys):
     with pytest.raises(SystemExit):
         cli_bench_decode(["--model", "tiny", "--quant", "int8"])
     assert "--quant 'int8'" in capsys.readouterr().err
+
+
+def test_decode_bench_still_times_moonlet_when_the_hf_peer_fails(capsys, monkeypatch):
+    import json
+
+    from moonlet import generate
+
+    def broken_twin(model):
+        raise RuntimeError("transformers has no such layout")
+
+    monkeypatch.setattr(generate, "hf_twin", broken_twin)
+    assert generate.cli_bench_decode(["--model", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--compare", "hf",
+                                      "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "no such layout" in result["hf_error"] and result["results"][0]["moonlet_tokens_per_s"] > 0
