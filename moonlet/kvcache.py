@@ -25,7 +25,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from moonlet.model import MLA, MLP, Experts, MoE, RMSNorm, Router, Transformer, causal_attention
+from moonlet.model import (
+    MLA,
+    MLP,
+    Experts,
+    MoE,
+    RMSNorm,
+    Router,
+    Transformer,
+    causal_attention,
+    expert_counts,
+)
 
 # ------------------------------------------------------------------------------------------------------
 # attention over the latent cache
@@ -95,8 +105,8 @@ def _mlp(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
 
 
 def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """MoE.forward without host syncs (no bincount), so it can live inside a CUDA graph. Tokens are sorted by
-    expert and handed to `experts.grouped_swiglu(xs, counts)` (bf16 weights or moonlet.quant's INT4): on CUDA
+    """MoE.forward for decode: no host syncs (it lives inside a CUDA graph) and no routing metrics. Tokens are
+    sorted by expert and handed to `experts.grouped_swiglu(xs, counts)` (bf16 weights or moonlet.quant's INT4): on CUDA
     the grouped GEMM skips empty groups, so a small batch reads only the experts it routed to. On CPU, where a
     small decode step costs its op count, plain experts skip the sort: with few experts (at most 4x the routed
     ones) all of them run, the unchosen weighted by 0 (DecodePlan fuses that path further); otherwise small
@@ -121,10 +131,8 @@ def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         h = (h @ experts.down_proj[e].mT).view(N, k, -1) * weights.unsqueeze(-1).to(x.dtype)
         out = h.sum(1).view(shape)
     else:
-        flat_ids = ids.flatten()
-        order = flat_ids.argsort(stable=True)
-        counts = torch.zeros(E, dtype=torch.long, device=x.device)
-        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+        order = ids.flatten().argsort(stable=True)
+        counts = expert_counts(ids, E)
         token = order // k
         h = experts.grouped_swiglu(flat[token], counts)
         h = h * weights.flatten()[order].unsqueeze(-1).to(h.dtype)

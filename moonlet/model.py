@@ -232,6 +232,13 @@ def grouped_mm_dtype(x: torch.Tensor) -> torch.dtype | None:
     return dtype if dtype == torch.bfloat16 else None
 
 
+def expert_counts(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert [E] (int64). Unlike torch.bincount on CUDA, which reads the max id back to
+    size its output, this never waits for the GPU: one host sync per MoE layer would stall every step."""
+    flat = ids.flatten()
+    return torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class Experts(nn.Module):
     """Routed experts stored stacked: gate_proj/up_proj [E, I, D], down_proj [E, D, I] (`w_EFD` style).
     Tokens are sorted by expert and each weight is applied to its contiguous slice of tokens."""
@@ -244,12 +251,13 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N,D], ids/weights [N,k] -> sum_k weights * expert_k(x) [N,D]."""
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N,D], ids/weights [N,k] -> sum_k weights * expert_k(x) [N,D]. counts: expert_counts(ids), if known."""
         k = ids.shape[1]
         flat = ids.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        counts = expert_counts(ids, self.n_experts) if counts is None else counts
         token = order // k
         h = self.grouped_swiglu(x[token], counts)
         h = h * weights.flatten()[order].unsqueeze(-1).to(h.dtype)
@@ -288,10 +296,11 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, ids, scores = self.gate(flat)
-        self.last_expert_counts = torch.bincount(ids.flatten(), minlength=self.experts.n_experts).detach()
+        counts = expert_counts(ids, self.experts.n_experts)
+        self.last_expert_counts = counts
         if self.training:
             self.last_scores, self.last_ids = scores, ids  # for the optional sequence-wise aux loss
-        out = self.experts(flat, ids, weights).view(shape)
+        out = self.experts(flat, ids, weights, counts).view(shape)
         return out + self.shared_experts(x) if self.shared_experts is not None else out
 
 

@@ -199,31 +199,26 @@ def qk_clip(model: nn.Module, tau: float | None = 100.0) -> dict:
     max logit per layer (before the clip) and heads clipped. tau=None only measures (vanilla Muon)."""
     cfg = model.cfg
     nope, rope, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-    per_layer, clipped = [], 0
-    for attn, S in zip(model.attention_layers(), reduce_max_logits(model)):
+    layers = [(attn, S) for attn, S in zip(model.attention_layers(), reduce_max_logits(model)) if S is not None]
+    for attn in model.attention_layers():
         attn.max_logits = None
-        if S is None:
-            continue
-        per_layer.append(float(S.max()))
-        if tau is None:
-            continue
-        over = S > tau
-        if not bool(over.any()):
-            continue
-        clipped += int(over.sum())
-        gamma = torch.where(over, tau / S, torch.ones_like(S)).float()
-        H = attn.n_heads
-        wq = attn.q_proj.weight if cfg.q_lora_rank is None else attn.q_b_proj.weight
-        wq = wq.view(H, nope + rope, -1)  # a view: the scaling lands in the parameter
-        wq[:, :nope] *= gamma.sqrt().to(wq.dtype)[:, None, None]
-        wq[:, nope:] *= gamma.to(wq.dtype)[:, None, None]
-        wkv = attn.kv_b_proj.weight.view(H, nope + v, -1)  # k_nope rows only; v rows untouched
-        wkv[:, :nope] *= gamma.sqrt().to(wkv.dtype)[:, None, None]
-    out: dict = {"heads_clipped": clipped}
-    if per_layer:
-        out["max_logit"] = max(per_layer)
-        out["max_logit_per_layer"] = per_layer
-    return out
+    if not layers:
+        return {"heads_clipped": 0}
+    S_all = torch.stack([S for _, S in layers]).float()  # [layers, H]
+    over = S_all > (tau if tau is not None else float("inf"))
+    if tau is not None:
+        # every head is scaled, by exactly 1 where S_h <= tau (x * 1.0 == x): no host sync to decide which
+        gamma = torch.where(over, tau / S_all, torch.ones_like(S_all))
+        for (attn, _), g in zip(layers, gamma):
+            H, root = attn.n_heads, g.sqrt()
+            wq = attn.q_proj.weight if cfg.q_lora_rank is None else attn.q_b_proj.weight
+            wq = wq.view(H, nope + rope, -1)  # a view: the scaling lands in the parameter
+            wq[:, :nope] *= root.to(wq.dtype)[:, None, None]
+            wq[:, nope:] *= g.to(wq.dtype)[:, None, None]
+            wkv = attn.kv_b_proj.weight.view(H, nope + v, -1)  # k_nope rows only; v rows untouched
+            wkv[:, :nope] *= root.to(wkv.dtype)[:, None, None]
+    *per_layer, clipped = torch.cat([S_all.amax(-1), over.sum().reshape(1)]).tolist()  # one device->host copy
+    return {"heads_clipped": int(clipped), "max_logit": max(per_layer), "max_logit_per_layer": per_layer}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -260,8 +255,8 @@ class RouterBalancer:
                 moe.gate.e_score_correction_bias.add_(self.u * torch.sign(m - load))
         self.loads = [None] * len(self.moes)
         ratio = (loads.max(-1).values / mean.squeeze(-1).clamp(min=1e-9))
-        return {"expert_load_max_over_mean": [round(float(r), 4) for r in ratio],
-                "experts_without_tokens": [int(n) for n in (loads == 0).sum(-1)]}
+        return {"expert_load_max_over_mean": [round(r, 4) for r in ratio.tolist()],  # one device->host copy each
+                "experts_without_tokens": (loads == 0).sum(-1).tolist()}
 
 
 def seq_aux_loss(model: nn.Module, batch_size: int, alpha: float = 1e-4) -> torch.Tensor:
