@@ -114,7 +114,7 @@ def test_triton_kernels_match_dequantized_reference(path, counts, monkeypatch):
 
 @pytest.mark.skipif(not RUN_TRITON, reason="needs Triton on CUDA, or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("tile", w4a16.GEMV_TILES)
-def test_every_gemv_tile_the_autotuner_may_pick_matches_the_reference(tile):
+def test_every_triton_gemv_tile_the_autotuner_may_pick_matches_the_reference(tile):
     dev = "cuda" if CUDA else "cpu"
     dtype = torch.bfloat16 if CUDA else torch.float32
     experts = packed_experts(device=dev)
