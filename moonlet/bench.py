@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # name -> ("module:function", help). The function takes argv (list[str]) and returns an exit code.
 BENCHES: dict[str, tuple[str, str]] = {
@@ -14,6 +18,29 @@ BENCHES: dict[str, tuple[str, str]] = {
     "serve": ("moonlet.server_bench:cli_bench_serve", "concurrent streaming clients vs `moonlet serve`: failures, p50/p99, tokens/s"),
     "train": ("moonlet.train_reports:cli_bench_train", "training step tokens/s and MFU vs HF transformers (--compare hf)"),
 }
+
+
+def top_kernels(fn, device: torch.device, rows: int = 20) -> list[dict]:
+    """Run fn() once under torch.profiler: the ops (CUDA: kernels) that took the most device time, with their
+    share. A lent GPU's minutes are few; this tells a later CPU-only session where a step's time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    avgs = prof.key_averages()
+    if cuda:  # kernels by their GPU time (else ops by the GPU time of their own kernels)
+        kernels = [e for e in avgs if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total]
+        totals = {e.key: (e.self_device_time_total, e.count) for e in kernels or avgs if e.self_device_time_total}
+    else:  # aten ops by their own CPU time
+        totals = {e.key: (e.self_cpu_time_total, e.count) for e in avgs if e.key.startswith("aten::")}
+    total = sum(t for t, _ in totals.values()) or 1.0
+    top = sorted(totals.items(), key=lambda kv: -kv[1][0])[:rows]
+    return [{"name": name[:120], "us": round(t, 1), "calls": n, "share": round(t / total, 4)} for name, (t, n) in top]
 
 
 def cli_bench(argv: list[str]) -> int:

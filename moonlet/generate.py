@@ -263,6 +263,8 @@ def _bench_decode_batch(model, hf, prompts: torch.Tensor, N: int, args: argparse
            "moonlet_decode": ("cuda_graphs" if engine.decoder.use_graphs
                               else "compiled" if engine.decoder.compiled is not None else "eager")}
     del engine
+    if args.profile:
+        row["profile"] = _profile_decode(model, B, P + N // 2, dev)
     if hf_error:
         row["hf_error"] = hf_error
     if hf is not None:
@@ -277,6 +279,24 @@ def _bench_decode_batch(model, hf, prompts: torch.Tensor, N: int, args: argparse
                 "greedy_tokens_match_hf_forward": _hf_forward_agreement(hf, ids, ours_ids),
                 "hf_generate_tokens_match_hf_forward": _hf_forward_agreement(hf, ids, hf_ids)}
     return row, total, ours_ids
+
+
+def _profile_decode(model, B: int, context: int, dev: torch.device, steps: int = 8) -> list[dict] | str:
+    """The top kernels of `steps` eager decode steps at batch B over `context` cached positions (the cache's
+    contents do not change what runs). Eager, so each kernel is seen (and named) outside a CUDA graph."""
+    from moonlet.bench import top_kernels
+    from moonlet.kvcache import Decoder
+
+    try:
+        cfg, w = model.cfg, model.embed_tokens.weight
+        cache = torch.zeros(cfg.num_hidden_layers, B, context + 1, cfg.kv_latent_dim, device=dev, dtype=w.dtype)
+        decoder = Decoder(model, cache, use_graphs=False, compile=False)
+        tokens = torch.zeros(B, dtype=torch.long, device=dev)
+        positions = torch.full((B,), context - 1, dtype=torch.long, device=dev)
+        decoder(tokens, positions, context)  # warm-up
+        return top_kernels(lambda: [decoder(tokens, positions, context) for _ in range(steps)], dev)
+    except Exception as e:  # a profiler that cannot run here must not cost the benchmark
+        return f"profile failed: {type(e).__name__}: {e}"[:300]
 
 
 def cli_bench_decode(argv: list[str]) -> int:
@@ -294,6 +314,8 @@ def cli_bench_decode(argv: list[str]) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile moonlet's decode step where no CUDA "
                     "graphs run (same as MOONLET_COMPILE=1); compiling happens in the untimed warm-up")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side, interleaved; the best counts")
+    ap.add_argument("--profile", action="store_true", help="after timing, profile 8 eager decode steps per row: "
+                    "the kernels (CPU: ops) that take the time, in the row's \"profile\"")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     args = ap.parse_args(argv)
     if args.repeats < 1:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from moonlet import optim
+from moonlet.bench import top_kernels
 from moonlet.config import ModelConfig
 from moonlet.train import (
     TrainConfig,
@@ -398,7 +399,7 @@ def _hf_train_step(cfg, mode: str, x: torch.Tensor, autocast, device: torch.devi
 
 def bench_train(preset: str, batch: int, seq_len: int, steps: int, warmup: int, compare_hf: bool,
                 compile_: bool = False, peak_tflops: float | None = None,
-                optimizers: tuple[str, ...] = ("muon", "adamw")) -> dict:
+                optimizers: tuple[str, ...] = ("muon", "adamw"), profile: bool = False) -> dict:
     """Seconds per full training step (fwd + bwd + clip + optimizer) of moonlet and of HF transformers'
     DeepseekV3ForCausalLM (grouped_mm experts on GPU, fused AdamW) on the same config. moonlet keeps fp32
     master weights under bf16 autocast on GPU; HF runs that way and with pure bf16 weights (see
@@ -434,6 +435,11 @@ def bench_train(preset: str, batch: int, seq_len: int, steps: int, warmup: int, 
         if name == "muon":
             out["newton_schulz_flops_per_step"] = ns_flops
         out["moonlet"][name] = report(_time_steps(step_fn, steps, warmup, device))
+        if profile:
+            try:
+                out["moonlet"][name]["profile"] = top_kernels(step_fn, device)
+            except Exception as e:  # a profiler that cannot run here must not cost the benchmark
+                out["moonlet"][name]["profile"] = f"profile failed: {type(e).__name__}: {e}"[:300]
         print(json.dumps({"moonlet": name, **out["moonlet"][name]}), file=sys.stderr, flush=True)
         step_fn = None  # free the model before building the next one
     if compare_hf:
@@ -471,11 +477,13 @@ def cli_bench_train(argv: list[str]) -> int:
                     "(default: %(default)s)")
     ap.add_argument("--compile", action="store_true", help="torch.compile moonlet's model")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (auto on known GPUs)")
+    ap.add_argument("--profile", action="store_true", help="after timing, profile one more moonlet step: the "
+                    "kernels (CPU: ops) that take the time, in each optimizer's \"profile\"")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     args = ap.parse_args(argv)
     if bad := set(args.optimizer.split(",")) - {"muon", "adamw"}:
         ap.error(f"--optimizer: unknown {sorted(bad)}; choose from muon, adamw")
     out = bench_train(args.preset, args.batch, args.seq_len, args.steps, args.warmup, args.compare == "hf",
-                      args.compile, args.peak_tflops, tuple(args.optimizer.split(",")))
+                      args.compile, args.peak_tflops, tuple(args.optimizer.split(",")), args.profile)
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
     return 0

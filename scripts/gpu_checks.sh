@@ -41,10 +41,10 @@ stage() {
 
 decode() {  # one model build: HF generate and moonlet bf16 on the same weights, then moonlet with INT4 experts
   stage decode "$1" "$py" -m moonlet.cli bench decode --model "$decode_model" --dtype bf16 --batch "$batches" \
-    --prompt-len "$prompt" --new-tokens "$new" --compare hf --quant none,int4 --repeats 2 --json
+    --prompt-len "$prompt" --new-tokens "$new" --compare hf --quant none,int4 --repeats 2 --profile --json
 }
 train() {  # shellcheck disable=SC2086
-  stage train "$1" "$py" -m moonlet.cli bench train --preset "$train_preset" $train_shape --steps 5 --warmup 2 \
+  stage train "$1" "$py" -m moonlet.cli bench train --preset "$train_preset" $train_shape --steps 5 --warmup 2 --profile \
     --compare hf --json
 }
 tests() {
