@@ -23,8 +23,8 @@ from moonlet.kernels import HAS_TRITON, tl, triton
 from moonlet.quant import dequantize, unpack
 
 DECODE_MAX_ROWS = 16  # up to this many token-expert rows the GEMV path wins (no padding to tl.dot's 16 rows)
-# GEMV tiles (BLOCK_N, BLOCK_K, num_warps) tried on CUDA, all free of register spills on sm_90 (ptxas -v, see
-# tests/test_kernels.py); Triton's interpreter (CPU tests) cannot time them and runs the first
+# GEMV tiles (BLOCK_N, BLOCK_K, num_warps) tried on CUDA, all free of register spills on sm_90 (python -m
+# moonlet.kernels.aot; a test holds it); Triton's interpreter (CPU tests) cannot time them and runs the first
 GEMV_TILES = [(32, 128, 4), (16, 256, 4), (8, 512, 4), (4, 1024, 4), (8, 1024, 8), (4, 2048, 8)]
 # grouped-GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps): few rows per expert (under 32 on average), many
 GEMM_TILES = {"few": (16, 64, 64, 4), "many": (64, 64, 64, 4)}
