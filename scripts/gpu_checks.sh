@@ -15,6 +15,7 @@
 set -uo pipefail
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
+: > "$out/stages.txt"
 export PYTHONPATH="${PYTHONPATH:-}:$(pwd)" PYTHONUNBUFFERED=1
 py="${PYTHON:-python3}"
 if [ "${MOONLET_GPU_SMOKE:-0}" = 1 ]; then
