@@ -34,13 +34,15 @@ def top_kernels(fn, device: torch.device, rows: int = 20) -> list[dict]:
             torch.cuda.synchronize(device)
     avgs = prof.key_averages()
     if cuda:  # kernels by their GPU time (else ops by the GPU time of their own kernels)
-        kernels = [e for e in avgs if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total]
-        totals = {e.key: (e.self_device_time_total, e.count) for e in kernels or avgs if e.self_device_time_total}
+        timed = [e for e in avgs if e.self_device_time_total]
+        kernels = [e for e in timed if e.device_type == torch.autograd.DeviceType.CUDA]
+        totals = {e.key: (e.self_device_time_total, e.count) for e in kernels or timed}
     else:  # aten ops by their own CPU time
         totals = {e.key: (e.self_cpu_time_total, e.count) for e in avgs if e.key.startswith("aten::")}
     total = sum(t for t, _ in totals.values()) or 1.0
     top = sorted(totals.items(), key=lambda kv: -kv[1][0])[:rows]
-    return [{"name": name[:120], "us": round(t, 1), "calls": n, "share": round(t / total, 4)} for name, (t, n) in top]
+    return [{"name": name[:120], "us": round(t, 1), "calls": n, "share": round(t / total, 4)}
+            for name, (t, n) in top]
 
 
 def cli_bench(argv: list[str]) -> int:

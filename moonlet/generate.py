@@ -228,7 +228,8 @@ def _sync(device: torch.device) -> None:
 
 def _identical_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     """Tokens before the first difference, minimum over rows, of two [B, N] id tensors."""
-    return min(next((i for i, (x, y) in enumerate(zip(r, s)) if x != y), len(r)) for r, s in zip(a.tolist(), b.tolist()))
+    rows = zip(a.tolist(), b.tolist())
+    return min(next((i for i, (x, y) in enumerate(zip(r, s)) if x != y), len(r)) for r, s in rows)
 
 
 def _bench_decode_batch(model, hf, prompts: torch.Tensor, N: int, args: argparse.Namespace, dev: torch.device,

@@ -106,8 +106,8 @@ def _mlp(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
 
 def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """MoE.forward for decode: no host syncs (it lives inside a CUDA graph) and no routing metrics. Tokens are
-    sorted by expert and handed to `experts.grouped_swiglu(xs, counts)` (bf16 weights or moonlet.quant's INT4): on CUDA
-    the grouped GEMM skips empty groups, so a small batch reads only the experts it routed to. On CPU, where a
+    sorted by expert and handed to `experts.grouped_swiglu(xs, counts)` (bf16 weights or moonlet.quant's INT4):
+    on CUDA the grouped GEMM skips empty groups, so a small batch reads only the experts it routed to. On CPU, where a
     small decode step costs its op count, plain experts skip the sort: with few experts (at most 4x the routed
     ones) all of them run, the unchosen weighted by 0 (DecodePlan fuses that path further); otherwise small
     batches gather just the chosen experts' weights and run three batched matmuls."""
