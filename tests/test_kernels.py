@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moonlet import quant
-from moonlet.kernels import w4a16
+from moonlet.kernels import aot, w4a16
 from moonlet.model import Experts
 
 CUDA = torch.cuda.is_available()
@@ -126,15 +126,7 @@ def test_every_triton_gemv_tile_the_autotuner_may_pick_matches_the_reference(til
     assert torch.allclose(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
 
 
-def _has_nvidia_backend() -> bool:
-    if not w4a16.HAS_TRITON:
-        return False
-    import triton
-
-    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
-
-
-@pytest.mark.skipif(not _has_nvidia_backend(), reason="needs Triton with its NVIDIA backend (ptxas, cuobjdump)")
+@pytest.mark.skipif(not aot.nvidia_backend(), reason="needs Triton with its NVIDIA backend (ptxas, cuobjdump)")
 def test_every_triton_launch_configuration_compiles_for_hopper_without_register_spills():
     """No GPU needed: Triton compiles for sm_90 and cuobjdump reads registers and stack (where spills go) off the
     machine code. A real subprocess,

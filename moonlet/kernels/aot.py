@@ -44,9 +44,14 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
+def nvidia_backend() -> bool:
+    """Triton is installed with its NVIDIA backend (ptxas, cuobjdump)."""
+    return HAS_TRITON and os.path.exists(_cuobjdump())
+
+
 def available() -> bool:
-    """Triton with its NVIDIA backend, and not the interpreter (whose kernels cannot be compiled)."""
-    return HAS_TRITON and os.environ.get("TRITON_INTERPRET") != "1" and os.path.exists(_cuobjdump())
+    """The NVIDIA backend, and not the interpreter (whose kernels cannot be compiled)."""
+    return nvidia_backend() and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def compile_report(kernel, constexprs: dict, num_warps: int, pointers: dict[str, str], arch: int = 90) -> dict:
