@@ -164,7 +164,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch_size: int = 16, max_seq_len: int | None = None,
                  prefix_cache_bytes: int = 512 << 20, device: str | torch.device | None = None, *,
                  kv_cache_bytes: int | None = None, prefill_chunk: int | None = None, block_size: int = 16,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, compile: bool | None = None):
         if device is not None:
             model = model.to(device)
         self.model = model.eval()
@@ -187,7 +187,7 @@ class Engine:
                                  device=self.device, dtype=self.dtype)
         self.prefill_chunk = prefill_chunk or (2048 if self.device.type == "cuda" else 512)
         self.prefix_cache = PrefixCache(prefix_cache_bytes, block_size)
-        self.decoder = Decoder(model, self.cache, cuda_graphs)
+        self.decoder = Decoder(model, self.cache, cuda_graphs, compile)
         self.specials = self._read_specials(tokenizer)
         self._slots: list[Request | None] = [None] * max_batch_size
         self._n_dec = 0  # generating sequences occupy slots 0.._n_dec-1

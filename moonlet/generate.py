@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
-import os
 import statistics
 import sys
 import time
@@ -38,6 +37,10 @@ def _load_model(args: argparse.Namespace):
     return moonlet.load(args.model, device=device, dtype=dtype)
 
 
+COMPILE_HELP = ("torch.compile the decode step where no CUDA graphs run (CPU: 2-3x faster decode on small models, "
+                "after a compile of 10-60 s per batch / context bucket; same as MOONLET_COMPILE=1)")
+
+
 def _common(ap: argparse.ArgumentParser, model_default: str | None = None) -> None:
     ap.add_argument("--model", default=model_default, required=model_default is None,
                     help="HF-format checkpoint directory or preset name (random weights)")
@@ -66,6 +69,7 @@ def cli_generate(argv: list[str]) -> int:
     ap.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     ap.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output")
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    ap.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     ap.add_argument("--json", action="store_true", help="print one JSON object (text, usage, speed) last")
     args = ap.parse_args(argv)
     from moonlet.tokenizer import load_tokenizer
@@ -87,8 +91,8 @@ def cli_generate(argv: list[str]) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_tokens=args.max_tokens, max_thinking_tokens=args.max_thinking_tokens,
                             stop=tuple(args.stop))
-    engine = Engine(model, tok, max_batch_size=1, max_seq_len=min(model.cfg.max_position_embeddings,
-                                                                  len(prompt) + args.max_tokens + 1))
+    engine = Engine(model, tok, max_batch_size=1, compile=args.compile or None,
+                    max_seq_len=min(model.cfg.max_position_embeddings, len(prompt) + args.max_tokens + 1))
     out = sys.stderr if args.json else sys.stdout
     dim, reset = ("\x1b[2m", "\x1b[0m") if out.isatty() else ("", "")
     t0 = time.perf_counter()
@@ -129,7 +133,7 @@ def cli_generate(argv: list[str]) -> int:
     print(f"[{req.finish_reason}; {req.usage}; {speed:.1f} tokens/s]", file=sys.stderr)
     if args.json:
         result = {"finish_reason": req.finish_reason, "usage": req.usage, "tokens_per_s": round(speed, 2),
-                  "output_ids": req.output_ids}
+                  "decode": engine.decoder.mode, "output_ids": req.output_ids}
         result |= (chat.parse(tok.decode(req.output_ids)) if args.chat else {"text": tok.decode(req.output_ids)})
         print(json.dumps(result))
     return 0
@@ -239,7 +243,7 @@ def _bench_decode_batch(model, hf, prompts: torch.Tensor, N: int, args: argparse
     B, P = prompts.shape
     params = SamplingParams(temperature=0, max_tokens=N, ignore_eos=True)
     engine = Engine(model, None, max_batch_size=B, max_seq_len=P + N + 1, prefix_cache_bytes=0,
-                    cuda_graphs=False if args.no_cuda_graphs else None)
+                    cuda_graphs=False if args.no_cuda_graphs else None, compile=args.compile or None)
     ids = prompts.to(dev)
     _time_engine(engine, prompts, params, dev)  # warm-up (captures the CUDA graphs it will need)
     hf_error = None
@@ -261,8 +265,7 @@ def _bench_decode_batch(model, hf, prompts: torch.Tensor, N: int, args: argparse
     row = {"batch": B, "moonlet_tokens_per_s": round(B * N / total, 2),
            "moonlet_decode_tokens_per_s": round(decode_tps, 2), "moonlet_ttft_ms": round(first * 1e3, 2),
            "achieved_GBps": round(gbps, 2), "hbm_roofline_fraction": round(gbps * 1e9 / peak, 4) if peak else None,
-           "moonlet_decode": ("cuda_graphs" if engine.decoder.use_graphs
-                              else "compiled" if engine.decoder.compiled is not None else "eager")}
+           "moonlet_decode": engine.decoder.mode}
     del engine
     if args.profile:
         row["profile"] = _profile_decode(model, B, P + N // 2, dev)
@@ -312,8 +315,8 @@ def cli_bench_decode(argv: list[str]) -> int:
     ap.add_argument("--quant", default="none", help="none, int4 (moonlet.quant.quantize_model: routed experts "
                     "W4A16), or none,int4: both on the same weights in one run, with int4's speedup over bf16")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: run the decode step eagerly")
-    ap.add_argument("--compile", action="store_true", help="torch.compile moonlet's decode step where no CUDA "
-                    "graphs run (same as MOONLET_COMPILE=1); compiling happens in the untimed warm-up")
+    ap.add_argument("--compile", action="store_true", help=COMPILE_HELP + "; compiling happens in the untimed "
+                    "warm-up")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side, interleaved; the best counts")
     ap.add_argument("--profile", action="store_true", help="after timing, profile 8 eager decode steps per row: "
                     "the kernels (CPU: ops) that take the time, in the row's \"profile\"")
@@ -325,8 +328,6 @@ def cli_bench_decode(argv: list[str]) -> int:
     if any(q not in ("none", "int4") for q in quants) or len(set(quants)) < len(quants):
         ap.error(f"--quant {args.quant!r}: give none, int4 or none,int4")
     quants.sort(key=["none", "int4"].index)  # bf16 first: quantizing replaces the experts in place
-    if args.compile:
-        os.environ["MOONLET_COMPILE"] = "1"  # read by the engine's Decoder
     batches = [int(b) for b in args.batch.split(",")]
     P, N = args.prompt_len, args.new_tokens
     model = _load_model(args)

@@ -322,9 +322,10 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
         q, c, k_pe = lp.qkv_a(h).split(lp.q_split, dim=-1)
         q = (q if lp.q_b is None else lp.q_b(lp.q_norm(q))).view(B, H, n + r)
         pe = torch.bmm(torch.cat([q[..., n:], k_pe[:, None]], dim=1), rot)  # [B,H+1,r], rotated
-        layer_cache = cache[i]
-        layer_cache[rows, positions] = torch.cat([lp.kv_norm(c), pe[:, H]], dim=-1)
-        keys = layer_cache[:B, :n_keys]  # [B,S,R+r]: every head scores the same latent keys (MQA)
+        # written through the base tensor: torch.compile then updates the cache in place, where a write through
+        # the view cache[i] made it copy the whole cache every step
+        cache.index_put_((rows.new_full((B,), i), rows, positions), torch.cat([lp.kv_norm(c), pe[:, H]], dim=-1))
+        keys = cache[i, :B, :n_keys]  # [B,S,R+r]: every head scores the same latent keys (MQA)
         q_lat = torch.bmm(q[..., :n].transpose(0, 1), lp.w_uk).transpose(0, 1)  # [B,H,R]
         scores = torch.baddbmm(bias, torch.cat([q_lat, pe[:, :H]], dim=-1), keys.mT, alpha=scale)  # [B,H,S]
         probs = scores.softmax(-1, dtype=torch.float32).to(x.dtype)
@@ -364,8 +365,14 @@ class Decoder:
         self.pool = None
         if compile is None:
             compile = os.environ.get("MOONLET_COMPILE") == "1"
-        self.compiled = torch.compile(decode_step, dynamic=False, fullgraph=True) if compile and not self.use_graphs else None
+        compile = compile and not self.use_graphs
+        self.compiled = torch.compile(decode_step, dynamic=False, fullgraph=True) if compile else None
         self.plan = DecodePlan(model)
+
+    @property
+    def mode(self) -> str:
+        """How steps run now: "cuda_graphs", "compiled" or "eager" (either falls back to eager on failure)."""
+        return "cuda_graphs" if self.use_graphs else "compiled" if self.compiled is not None else "eager"
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, n_keys: int) -> torch.Tensor:
         if not self.plan.fresh():  # the weights changed: re-fuse them (and recapture graphs)

@@ -470,10 +470,11 @@ class Handler(BaseHTTPRequestHandler):
 # ------------------------------------------------------------------------------------------------- CLI
 
 def make_server(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
-                device: str = "cpu", dtype: str = "float32", max_model_len: int | None = None,
+                device: str = "cpu", dtype: str = "auto", max_model_len: int | None = None,
                 max_batch_size: int = 64, default_max_tokens: int = 16384, script: str | None = None,
-                script_delay: float = 0.0, served_model_name: str | None = None) -> Server:
-    """Load the model (or the scripted testing aid), start the engine, bind the HTTP server (not yet serving)."""
+                script_delay: float = 0.0, served_model_name: str | None = None, compile: bool = False) -> Server:
+    """Load the model (or the scripted testing aid), start the engine, bind the HTTP server (not yet serving).
+    dtype "auto": bfloat16 on CUDA, float32 on the CPU."""
     import torch
 
     from moonlet.tokenizer import load_tokenizer
@@ -487,12 +488,15 @@ def make_server(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
         import moonlet
         from moonlet.engine import Engine
 
+        if dtype == "auto":
+            dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
         net = moonlet.load(model, device=device, dtype=getattr(torch, dtype))
         if max_model_len is not None and max_model_len > net.cfg.max_position_embeddings:
             raise ValueError(f"--max-model-len {max_model_len} is over the model's max_position_embeddings "
                              f"({net.cfg.max_position_embeddings})")
         # no --max-model-len: the engine sizes the context per slot from its KV cache budget
-        engine = Engine(net, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_model_len, device=device)
+        engine = Engine(net, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_model_len, device=device,
+                        compile=compile or None)
         limit = engine.max_seq_len
     engine.start()
     return Server((host, port), engine, tokenizer, name, limit, api_key, default_max_tokens)
@@ -510,7 +514,10 @@ def cli_serve(argv: list[str]) -> int:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOONLET_API_KEY, else open)")
     p.add_argument("--served-model-name", help="the model id clients send (default: preset or directory name)")
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu", help="cuda if available, else cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations dtype (float32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations dtype (auto: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step where no CUDA graphs "
+                   "run (CPU: 2-3x faster decode on small models after a compile of 10-60 s per batch bucket)")
     p.add_argument("--max-model-len", type=int, help="context limit in tokens (default: the model's)")
     p.add_argument("--max-batch-size", type=int, default=64, help="engine slots decoded together")
     p.add_argument("--default-max-tokens", type=int, default=16384,
@@ -523,7 +530,8 @@ def cli_serve(argv: list[str]) -> int:
         server = make_server(a.model, a.host, a.port, a.api_key, device=a.device, dtype=a.dtype,
                              max_model_len=a.max_model_len, max_batch_size=a.max_batch_size,
                              default_max_tokens=a.default_max_tokens, script=a.script,
-                             script_delay=a.script_delay, served_model_name=a.served_model_name)
+                             script_delay=a.script_delay, served_model_name=a.served_model_name,
+                             compile=a.compile)
     except (OSError, ValueError, RuntimeError) as e:  # bad --model / --script / port: say which, no traceback
         print(f"moonlet serve: {e}", file=sys.stderr)
         return 1

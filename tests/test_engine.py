@@ -352,6 +352,22 @@ def test_generate_cli_streams_chat_reasoning_apart_from_the_answer(capsys):
     assert set(result) >= {"reasoning_content", "content", "tool_calls", "finish_reason", "output_ids"}
 
 
+@pytest.mark.slow
+def test_generate_cli_compile_flag_compiles_the_decode_step_and_keeps_the_tokens(capsys):
+    import json
+
+    from moonlet.generate import cli_generate
+
+    results = []
+    for extra in ([], ["--compile"]):
+        assert cli_generate(["--model", "tiny", "--prompt", "The capital of France is", "--max-tokens", "8",
+                             "--temperature", "0", "--json", *extra]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    eager, compiled = results
+    assert (eager["decode"], compiled["decode"]) == ("eager", "compiled")
+    assert compiled["output_ids"] == eager["output_ids"]
+
+
 def test_prefix_cache_bench_reports_the_hit_as_cached_tokens(capsys):
     import json
 
