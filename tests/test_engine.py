@@ -3,6 +3,9 @@ batching; sampling; stop ids/strings; thinking budgets; usage; prefix cache; chu
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -180,6 +183,8 @@ def test_sample_follows_the_distribution_and_top_p_cuts_the_tail():
     assert set(nucleus.tolist()) == {0, 1}
     cold = sample(logits[:5], [SamplingParams(temperature=0)] * 5, gens[:5])
     assert cold.tolist() == [0] * 5
+    holes = torch.tensor([[0.0, float("-inf"), 0.0, float("-inf")]]).repeat(4000, 1)  # ids 1, 3: probability 0
+    assert set(sample(holes, [SamplingParams()] * 4000, gens).tolist()) == {0, 2}
 
 
 def test_stop_token_ids_end_the_request_without_the_stop_token(tiny):
@@ -287,6 +292,32 @@ def test_threads_submit_and_stream_concurrently_and_cancel_frees_the_slot(tiny):
     finally:
         eng.stop()
     assert eng._n_dec == 0 and not eng._prefilling
+
+
+LOOP_THREADS_SCRIPT = """
+import torch, moonlet
+from moonlet.engine import Engine, SamplingParams
+model = moonlet.load("tiny")  # the process never asks for or sets its thread count (OMP_NUM_THREADS=2)
+eng = Engine(model, max_batch_size=2, max_seq_len=64).start()
+prompt = [5, 6, 7, 8, 9, 10, 11, 12]
+out = eng.submit(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)).result(timeout=120)
+eng.stop()
+ref = Engine(model, max_batch_size=1, max_seq_len=64).generate([prompt], SamplingParams(
+    temperature=0, max_tokens=8, ignore_eos=True))[0]
+print(torch.get_num_threads(), eng.loop_threads, out.output_ids == ref.output_ids)
+"""
+
+
+def test_the_cpu_loop_thread_picks_its_own_thread_count_and_leaves_the_callers():
+    """A background loop times scratch decode steps with the caller's intra-op threads and with one and keeps
+    the faster for itself only (a fresh process: the caller never set a count, the case where OpenMP would
+    otherwise hand the loop's choice to it too); the scratch steps do not touch any sequence's tokens."""
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    run = subprocess.run([sys.executable, "-c", LOOP_THREADS_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    caller, loop, same = run.stdout.split()
+    assert (caller, same) == ("2", "True") and loop in ("1", "2")
 
 
 def test_bad_requests_are_refused_with_a_clear_error(tiny):
