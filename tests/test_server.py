@@ -27,7 +27,7 @@ from moonlet.server_bench import spawn_server, stop_server  # noqa: E402
 from moonlet.tokenizer import load_tokenizer  # noqa: E402
 
 KEY = "test-key"
-MAX_LEN = 512
+MAX_LEN = 4096  # room for a generation that outlasts the disconnect tests (CPU decode is ~1 ms/token)
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -199,7 +199,7 @@ def test_client_disconnect_cancels_the_engine_request(servers, stream):
     before = metric(metrics(base), 'moonlet_requests_total{status="cancelled"}')
     u = urlsplit(base)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-    body = json.dumps({"model": "tiny", "messages": user("a long answer please"), "max_tokens": 450,
+    body = json.dumps({"model": "tiny", "messages": user("a long answer please"), "max_tokens": MAX_LEN - 100,
                        "stream": stream}).encode()
     conn.request("POST", "/v1/chat/completions", body, {"Authorization": f"Bearer {KEY}",
                                                         "Content-Type": "application/json"})
