@@ -187,6 +187,17 @@ def test_sample_follows_the_distribution_and_top_p_cuts_the_tail():
     assert set(sample(holes, [SamplingParams()] * 4000, gens).tolist()) == {0, 2}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_sampling_is_seeded_and_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]], device="cuda")).repeat(4000, 1)
+    params = [SamplingParams()] * 4000
+    draws = [sample(logits, params, [torch.Generator(device="cuda").manual_seed(i) for i in range(4000)])
+             for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    freq = torch.bincount(draws[0], minlength=4).float().cpu() / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03, rtol=0)
+
+
 def test_stop_token_ids_end_the_request_without_the_stop_token(tiny):
     [p] = prompts(1, [16], seed=5)
     ref = full_forward_greedy(tiny, p, 10)
