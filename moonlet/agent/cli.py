@@ -38,7 +38,7 @@ def add_backend_args(ap: argparse.ArgumentParser) -> None:
                    "assistant turns) instead of a model; proves the loop, not a model")
     g.add_argument("--tokenizer", default=None, help="local: tokenizer directory (default: moonlet's)")
     g.add_argument("--device", default=None, help="local: torch device (default: cuda if available)")
-    g.add_argument("--dtype", default="bfloat16", help="local: weight dtype (default: bfloat16)")
+    g.add_argument("--dtype", default=None, help="local: weight dtype (default: bfloat16 on cuda, float32 on cpu)")
     b = ap.add_argument_group("budgets")
     b.add_argument("--max-steps", type=int, default=300, help="model calls per trajectory (default: 300)")
     b.add_argument("--max-tokens", type=int, default=None, help="completion tokens per step, reasoning included "
@@ -90,7 +90,7 @@ def make_backend(args: argparse.Namespace) -> tuple[Any, int | None]:
     from moonlet.tokenizer import load_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype, None)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"), None)
     if not isinstance(dtype, torch.dtype):
         raise SystemExit(f"moonlet: --dtype {args.dtype!r} is not a torch dtype")
     model = moonlet.load(args.model, device=device, dtype=dtype)
