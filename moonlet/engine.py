@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from moonlet.costs import tokens_that_fit
 from moonlet.kvcache import Decoder, PrefixCache, prefill_chunk
@@ -530,9 +531,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
     ids). Rows with temperature 0 are greedy."""
     B, V = logits.shape
     dev = logits.device
-    temp = torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32)
-    greedy = logits.argmax(-1)
-    x = logits / temp.clamp_min(1e-6)[:, None]
+    temps = [p.temperature for p in params]
+    temp = torch.tensor(temps, device=dev, dtype=torch.float32)
+    x = logits if all(t == 1 for t in temps) else logits / temp.clamp_min(1e-6)[:, None]
     if any(p.top_k > 0 or p.top_p < 1 for p in params):
         top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=dev)
         top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
@@ -541,9 +542,25 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
         drop = torch.arange(V, device=dev)[None] >= top_k[:, None]
         drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]  # keep the smallest set reaching top_p
         x = torch.full_like(x, float("-inf")).scatter(-1, idx, sorted_x.masked_fill(drop, float("-inf")))
-    cdf = x.softmax(-1).cumsum(-1)
     u = torch.cat([torch.rand(1, device=dev, generator=g) if g is not None else torch.zeros(1, device=dev)
                    for g in gens])
-    # the first id whose CDF reaches a point in (0, total]: never an id of probability 0
-    drawn = torch.searchsorted(cdf, ((1 - u) * cdf[:, -1])[:, None]).clamp_max_(V - 1)[:, 0]
-    return torch.where(temp == 0, greedy, drawn)
+    drawn = inverse_cdf(x.softmax(-1), u)
+    return torch.where(temp == 0, logits.argmax(-1), drawn) if 0 in temps else drawn
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """For each row of probs [B,V] (unnormalized is fine) and u [B] in [0,1): the first id whose running sum
+    reaches (1-u) of the row's total, a point in (0, total], so an id of probability 0 is never drawn. In two
+    levels, blocks then ids within the chosen block, because a full cumsum over the vocabulary is a sequential
+    pass per row (3 ms for 64 x 32K on CPU, more than the softmax)."""
+    B, V = probs.shape
+    blk = min(block, V)
+    nb = -(-V // blk)
+    blocks = F.pad(probs, (0, nb * blk - V)).view(B, nb, blk) if nb * blk != V else probs.view(B, nb, blk)
+    block_cdf = blocks.sum(-1).cumsum(-1)  # [B, nb]
+    target = ((1 - u) * block_cdf[:, -1])[:, None]
+    b = torch.searchsorted(block_cdf, target).clamp_max_(nb - 1)  # [B,1]: first block reaching the target
+    before = torch.where(b > 0, block_cdf.gather(1, (b - 1).clamp_min(0)), torch.zeros_like(target))
+    inner = blocks.gather(1, b[:, :, None].expand(B, 1, blk))[:, 0].cumsum(-1)  # [B, blk]
+    rest = torch.minimum(target - before, inner[:, -1:])  # > 0; the clamp absorbs the two sums' rounding
+    return (b * blk + torch.searchsorted(inner, rest)).clamp_max_(V - 1)[:, 0]

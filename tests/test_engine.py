@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import moonlet
-from moonlet.engine import Engine, SamplingParams, sample
+from moonlet.engine import Engine, SamplingParams, inverse_cdf, sample
 from moonlet.kvcache import Decoder, PrefixCache
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -185,6 +185,19 @@ def test_sample_follows_the_distribution_and_top_p_cuts_the_tail():
     assert cold.tolist() == [0] * 5
     holes = torch.tensor([[0.0, float("-inf"), 0.0, float("-inf")]]).repeat(4000, 1)  # ids 1, 3: probability 0
     assert set(sample(holes, [SamplingParams()] * 4000, gens).tolist()) == {0, 2}
+
+
+@pytest.mark.parametrize("vocab", [5, 256, 1000, 4099])  # under, at, and off a whole number of blocks
+def test_two_level_inverse_cdf_draws_what_the_full_cumsum_draws(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    probs = torch.rand(3000, vocab, generator=gen) * (torch.rand(3000, vocab, generator=gen) > 0.6)
+    probs[:, 0] += 1e-3  # every row is a distribution; about 60% of the ids have probability 0
+    u = torch.rand(3000, generator=gen)
+    cdf = probs.cumsum(-1)
+    full = torch.searchsorted(cdf, ((1 - u) * cdf[:, -1])[:, None])[:, 0]
+    drawn = inverse_cdf(probs, u)
+    assert torch.equal(drawn, full)
+    assert bool((probs.gather(1, drawn[:, None]) > 0).all())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
