@@ -20,18 +20,25 @@ BENCHES: dict[str, tuple[str, str]] = {
 }
 
 
-def top_kernels(fn, device: torch.device, rows: int = 20) -> list[dict]:
-    """Run fn() once under torch.profiler: the ops (CUDA: kernels) that took the most device time, with their
-    share. A lent GPU's minutes are few; this tells a later CPU-only session where a step's time goes."""
+def top_kernels(make_step, device: torch.device, rows: int = 20) -> list[dict] | str:
+    """Build a step with make_step(), run it once to warm up and once under torch.profiler: the ops (CUDA:
+    kernels) that took the most device time, with their share. A lent GPU's minutes are few; this tells a later
+    CPU-only session where a step's time goes. A failure (out of memory, no profiler here) comes back as a
+    message: profiling must not cost the benchmark its numbers."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        fn()
-        if cuda:
-            torch.cuda.synchronize(device)
+    try:
+        step = make_step()
+        step()
+        with profile(activities=activities) as prof:
+            step()
+            if cuda:
+                torch.cuda.synchronize(device)
+    except Exception as e:
+        return f"profile failed: {type(e).__name__}: {e}"[:300]
     avgs = prof.key_averages()
     if cuda:  # kernels by their GPU time (else ops by the GPU time of their own kernels)
         timed = [e for e in avgs if e.self_device_time_total]

@@ -560,7 +560,7 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch
     block_cdf = blocks.sum(-1).cumsum(-1)  # [B, nb]
     target = ((1 - u) * block_cdf[:, -1])[:, None]
     b = torch.searchsorted(block_cdf, target).clamp_max_(nb - 1)  # [B,1]: first block reaching the target
-    before = torch.where(b > 0, block_cdf.gather(1, (b - 1).clamp_min(0)), torch.zeros_like(target))
+    before = F.pad(block_cdf, (1, 0)).gather(1, b)  # the sum of the blocks before b (0 before the first)
     inner = blocks.gather(1, b[:, :, None].expand(B, 1, blk))[:, 0].cumsum(-1)  # [B, blk]
     rest = torch.minimum(target - before, inner[:, -1:])  # > 0; the clamp absorbs the two sums' rounding
     return (b * blk + torch.searchsorted(inner, rest)).clamp_max_(V - 1)[:, 0]

@@ -34,7 +34,6 @@ from moonlet.model import (
     Router,
     Transformer,
     causal_attention,
-    expert_counts,
 )
 
 # ------------------------------------------------------------------------------------------------------
@@ -105,10 +104,10 @@ def _mlp(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
 
 
 def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """MoE.forward for decode: no host syncs (it lives inside a CUDA graph) and no routing metrics. Tokens are
-    sorted by expert and handed to `experts.grouped_swiglu(xs, counts)` (bf16 weights or moonlet.quant's INT4):
-    on CUDA the grouped GEMM skips empty groups, so a small batch reads only the experts it routed to. On CPU, where a
-    small decode step costs its op count, plain experts skip the sort: with few experts (at most 4x the routed
+    """MoE.forward for decode: no host syncs (it lives inside a CUDA graph) and no routing metrics. In general the
+    experts' own forward runs (tokens sorted by expert into `grouped_swiglu`, bf16 weights or moonlet.quant's
+    INT4): on CUDA the grouped GEMM skips empty groups, so a small batch reads only the experts it routed to.
+    On CPU, where a small decode step costs its op count, plain experts skip the sort: with few experts (at most 4x the routed
     ones) all of them run, the unchosen weighted by 0 (DecodePlan fuses that path further); otherwise small
     batches gather just the chosen experts' weights and run three batched matmuls."""
     shape = x.shape
@@ -131,12 +130,7 @@ def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         h = (h @ experts.down_proj[e].mT).view(N, k, -1) * weights.unsqueeze(-1).to(x.dtype)
         out = h.sum(1).view(shape)
     else:
-        order = ids.flatten().argsort(stable=True)
-        counts = expert_counts(ids, E)
-        token = order // k
-        h = experts.grouped_swiglu(flat[token], counts)
-        h = h * weights.flatten()[order].unsqueeze(-1).to(h.dtype)
-        out = torch.zeros_like(flat).index_add_(0, token, h.to(flat.dtype)).view(shape)
+        out = experts(flat, ids, weights).view(shape)
     return out + _mlp(moe.shared_experts, x) if moe.shared_experts is not None else out
 
 
@@ -315,6 +309,7 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
     x = p.model.embed_tokens(tokens)  # [B,D]
     rot = p.rotation(positions, x.dtype)  # [B,rope,rope]
     rows = torch.arange(B, device=tokens.device)
+    layer_rows = torch.arange(len(p.layers), device=tokens.device)[:, None].expand(-1, B)  # [L,B]: views per layer
     hidden = torch.arange(n_keys, device=tokens.device) > positions[:, None, None]  # [B,1,S]: keys after the row
     bias = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device).masked_fill_(hidden, float("-inf"))
     for i, lp in enumerate(p.layers):
@@ -324,7 +319,7 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
         pe = torch.bmm(torch.cat([q[..., n:], k_pe[:, None]], dim=1), rot)  # [B,H+1,r], rotated
         # written through the base tensor: torch.compile then updates the cache in place, where a write through
         # the view cache[i] made it copy the whole cache every step
-        cache.index_put_((rows.new_full((B,), i), rows, positions), torch.cat([lp.kv_norm(c), pe[:, H]], dim=-1))
+        cache.index_put_((layer_rows[i], rows, positions), torch.cat([lp.kv_norm(c), pe[:, H]], dim=-1))
         keys = cache[i, :B, :n_keys]  # [B,S,R+r]: every head scores the same latent keys (MQA)
         q_lat = torch.bmm(q[..., :n].transpose(0, 1), lp.w_uk).transpose(0, 1)  # [B,H,R]
         scores = torch.baddbmm(bias, torch.cat([q_lat, pe[:, :H]], dim=-1), keys.mT, alpha=scale)  # [B,H,S]

@@ -503,6 +503,8 @@ def make_server(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
 
 
 def cli_serve(argv: list[str]) -> int:
+    from moonlet.generate import COMPILE_HELP
+
     p = argparse.ArgumentParser(prog="moonlet serve", description=(
         "OpenAI-compatible chat-completions server (POST /v1/chat/completions with reasoning, tools and "
         "streaming; GET /v1/models, /health, /metrics) and a web chat page at /. All requests share one "
@@ -516,8 +518,7 @@ def cli_serve(argv: list[str]) -> int:
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu", help="cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations dtype (auto: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step where no CUDA graphs "
-                   "run (CPU: 2-3x faster decode on small models after a compile of 10-60 s per batch bucket)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--max-model-len", type=int, help="context limit in tokens (default: the model's)")
     p.add_argument("--max-batch-size", type=int, default=64, help="engine slots decoded together")
     p.add_argument("--default-max-tokens", type=int, default=16384,
