@@ -147,8 +147,9 @@ class _Ns:
 
 class DecodePlan:
     """Everything a decode step reads from the model, looked up once: at small sizes a step costs its op count
-    and Python overhead (it made ~140 nn.Module attribute lookups). Norms call the fused fp32 kernel directly;
-    linears that read the same input become one GEMM; W_UK / W_UV are views made once; on CPU a MoE layer with
+    and Python overhead (it made ~140 nn.Module attribute lookups). Norms take ~3 ops (see _norm);
+    linears that read the same input become one GEMM, and a residual branch's last GEMM adds into the residual
+    stream (addmm); W_UK / W_UV are views made once; on CPU a MoE layer with
     few plain experts becomes two GEMMs over all routed *and* shared experts (a shared expert of s*I units is s
     experts of weight 1). Fused weights are copies, so only small ones are made (big models are bound by memory
     traffic, not op count, and must not hold weights twice): `fresh()` says whether the model changed since
@@ -157,12 +158,12 @@ class DecodePlan:
 
     max_copy = 1 << 22  # elements per fused weight
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, capacity: int):
         cfg = model.cfg
         self.model, self.cfg = model, cfg
         self._copies: list[tuple[torch.Tensor, int]] = []
         w = model.embed_tokens.weight
-        self.dtype, cpu = w.dtype, not w.is_cuda
+        self.dtype, self.cpu = w.dtype, not w.is_cuda
         H, R, n = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim
         self.layers = []
         for layer in model.layers:
@@ -176,8 +177,8 @@ class DecodePlan:
                 q_norm=self._norm(mla.q_a_layernorm) if lora else None,
                 q_b=self._linear(mla.q_b_proj) if lora else None,
                 kv_norm=self._norm(mla.kv_a_layernorm), w_uk=wkv[:, :n], w_uv=wkv[:, n:].mT,
-                o_proj=self._linear(mla.o_proj), post_norm=self._norm(layer.post_attention_layernorm),
-                ffn=self._moe(layer.mlp, cpu) if isinstance(layer.mlp, MoE) else self._swiglu(layer.mlp)))
+                o_proj_add=self._linear_add(mla.o_proj), post_norm=self._norm(layer.post_attention_layernorm),
+                ffn_add=self._moe(layer.mlp) if isinstance(layer.mlp, MoE) else self._swiglu(layer.mlp)))
         self.norm, self.lm_head = self._norm(model.norm), self._linear(model.lm_head)
         # rope as x @ M with M [rope, rope] per row: where apply_rope reads its (x1, x2) pairs and writes
         # [x1 cos - x2 sin | x2 cos + x1 sin]; M's entries at these flat indices are [cos, -sin, cos, sin]
@@ -185,14 +186,18 @@ class DecodePlan:
         j = torch.arange(r // 2)
         x1, x2 = (2 * j, 2 * j + 1) if cfg.rope_interleave else (j, j + r // 2)
         self.rope_at = torch.cat([x1 * r + j, x2 * r + j, x2 * r + j + r // 2, x1 * r + j + r // 2]).to(w.device)
+        # every cache position's arange entry and [cos, -sin, cos, sin] row (model.rope's exact values), so a
+        # step slices and gathers them instead of running ~12 small ops (K2 at 256K positions: 64 MB in bf16)
+        self.arange = torch.arange(max(capacity, cfg.num_hidden_layers), device=w.device)
+        cos, sin = model.rope(self.arange, self.dtype)
+        self.rope_rows = torch.cat([cos, -sin, cos, sin], dim=-1)
 
-    def rotation(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def rotation(self, positions: torch.Tensor) -> torch.Tensor:
         """[B, rope, rope] matrices that apply rope at positions [B]: built once per step, then rope is one
         small batched matmul per layer instead of ~9 elementwise ops."""
-        cos, sin = self.model.rope(positions, dtype)  # [B, rope/2]
         B, r = positions.shape[0], self.cfg.qk_rope_head_dim
-        vals = torch.cat([cos, -sin, cos, sin], dim=-1)
-        return cos.new_zeros(B, r * r).index_copy_(1, self.rope_at, vals).view(B, r, r)
+        vals = self.rope_rows[positions]
+        return vals.new_zeros(B, r * r).index_copy_(1, self.rope_at, vals).view(B, r, r)
 
     def fresh(self) -> bool:
         return all(t._version == v for t, v in self._copies)
@@ -202,50 +207,67 @@ class DecodePlan:
         return t
 
     def _norm(self, norm: RMSNorm):
-        """RMSNorm as one fused op where that is exact (fp32; eagerly F.rms_norm adds ~1-2 us of dispatch around
-        the same kernel, but torch.compile cannot trace the private op: one graph break per norm); the module's
-        own math otherwise."""
-        fused = getattr(torch, "_fused_rms_norm", None)
-        if self.dtype != torch.float32 or fused is None:
+        """RMSNorm in few ops where that is exact up to rounding (fp32). On CPU both torch._fused_rms_norm and
+        F.rms_norm run as ~6 dispatched ops (20 us on a 64-wide row) but LayerNorm has a fused kernel, and
+        LayerNorm of [x, -x] (mean 0, variance mean(x^2)) with weight [w, 0] is RMSNorm of x in its first
+        half: 3 ops, 13 us. On CUDA and when compiling, F.rms_norm (one kernel; traceable)."""
+        if self.dtype != torch.float32:
             return norm
         shape, w, eps = list(norm.weight.shape), norm.weight, norm.eps
+        if not self.cpu:
+            return partial(F.rms_norm, normalized_shape=shape, weight=w, eps=eps)
+        D = w.shape[0]
+        w2 = self._copy(torch.cat([w, torch.zeros_like(w)]), w)
 
         def rms_norm(x: torch.Tensor) -> torch.Tensor:
-            return F.rms_norm(x, shape, w, eps) if torch.compiler.is_compiling() else fused(x, shape, w, eps)[0]
+            if torch.compiler.is_compiling():
+                return F.rms_norm(x, shape, w, eps)
+            return F.layer_norm(torch.cat([x, -x], dim=-1), [2 * D], w2, None, eps)[..., :D]
         return rms_norm
 
     def _linear(self, *mods: nn.Module):
-        """x -> the outputs of mods concatenated: one GEMM when all are plain Linears."""
+        """x -> the outputs of mods concatenated: one GEMM when all are plain Linears (torch.mm on the
+        transposed weight view: F.linear's dispatch costs ~2 us more per call)."""
         if not all(type(m) is nn.Linear for m in mods) or (
                 len(mods) > 1 and sum(m.weight.numel() for m in mods) > self.max_copy):
             return mods[0] if len(mods) == 1 else lambda x: torch.cat([m(x) for m in mods], dim=-1)
         ws, bs = [m.weight for m in mods], [m.bias for m in mods]
         if len(mods) == 1:
-            return partial(F.linear, weight=ws[0], bias=bs[0])
-        if any(b is None for b in bs):  # a bias-free layer in the group gets zeros
-            bs = None if all(b is None for b in bs) else [
-                torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b for b, w in zip(bs, ws)]
-        bias = None if bs is None else self._copy(torch.cat(bs), *bs)
-        return partial(F.linear, weight=self._copy(torch.cat(ws), *ws), bias=bias)
+            w, b = ws[0], bs[0]
+        else:
+            if any(b is None for b in bs):  # a bias-free layer in the group gets zeros
+                bs = None if all(b is None for b in bs) else [
+                    torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b for b, w in zip(bs, ws)]
+            b = None if bs is None else self._copy(torch.cat(bs), *bs)
+            w = self._copy(torch.cat(ws), *ws)
+        wt = w.t()
+        return partial(torch.mm, mat2=wt) if b is None else lambda x: torch.addmm(b, x, wt)
+
+    def _linear_add(self, mod: nn.Module):
+        """(residual, x) -> residual + mod(x): one torch.addmm for a plain bias-free Linear."""
+        if type(mod) is not nn.Linear or mod.bias is not None:
+            return lambda res, x: res + mod(x)
+        wt = mod.weight.t()
+        return lambda res, x: torch.addmm(res, x, wt)
 
     def _swiglu(self, mlp: MLP):
-        gate_up, down = self._linear(mlp.gate_proj, mlp.up_proj), self._linear(mlp.down_proj)
+        gate_up, down_add = self._linear(mlp.gate_proj, mlp.up_proj), self._linear_add(mlp.down_proj)
 
-        def swiglu(x: torch.Tensor) -> torch.Tensor:
+        def swiglu_add(res: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             g, u = gate_up(x).chunk(2, dim=-1)
-            return down(F.silu(g) * u)
-        return swiglu
+            return down_add(res, F.silu(g) * u)
+        return swiglu_add
 
-    def _moe(self, moe: MoE, cpu: bool):
+    def _moe(self, moe: MoE):
         cfg, ex, shared = self.cfg, moe.experts, moe.shared_experts
         E, k = ex.n_experts, cfg.num_experts_per_tok
         I = cfg.moe_intermediate_size
-        if not (cpu and type(ex) is Experts and E <= 4 * k and type(moe.gate) is Router and
+        if not (self.cpu and type(ex) is Experts and E <= 4 * k and type(moe.gate) is Router and
                 3 * ex.gate_proj.numel() <= self.max_copy and
                 (shared is None or (all(type(m) is nn.Linear and m.bias is None for m in
                                         (shared.gate_proj, shared.up_proj, shared.down_proj))
                                     and shared.gate_proj.weight.shape[0] % I == 0))):
-            return partial(moe_decode, moe)
+            return lambda res, x: res + moe_decode(moe, x)
         gates, ups, downs, sources = [ex.gate_proj], [ex.up_proj], [ex.down_proj], [ex.gate_proj, ex.up_proj,
                                                                                    ex.down_proj]
         S = 0
@@ -255,18 +277,18 @@ class DecodePlan:
             ups.append(shared.up_proj.weight.view(S, I, -1))
             downs.append(shared.down_proj.weight.view(-1, S, I).transpose(0, 1))
             sources += [shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight]
-        w_gu = self._copy(torch.cat(gates + ups).flatten(0, 1), *sources)  # [2*(E+S)*I, D]
-        w_down = torch.cat(downs).transpose(0, 1).flatten(1)  # [D, (E+S)*I]
+        w_gu_t = self._copy(torch.cat(gates + ups).flatten(0, 1), *sources).t()  # [D, 2*(E+S)*I]
+        w_down_t = torch.cat(downs).transpose(0, 1).flatten(1).t()  # [(E+S)*I, D]
         base = torch.cat([torch.zeros(E), torch.ones(S)]).to(self.dtype)  # unrouted experts weigh 0, shared 1
         route = self._router(moe.gate)
 
-        def moe_all_experts(x: torch.Tensor) -> torch.Tensor:
+        def moe_all_experts_add(res: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             weights, ids = route(x)
             N = x.shape[0]
             coef = base.expand(N, -1).scatter(1, ids, weights.to(x.dtype))  # (repeat costs ~8 us more)
-            gu = F.linear(x, w_gu).view(N, 2, E + S, I)
-            return F.linear((F.silu(gu[:, 0]) * gu[:, 1] * coef.unsqueeze(-1)).flatten(1), w_down)
-        return moe_all_experts
+            gu = torch.mm(x, w_gu_t).view(N, 2, E + S, I)
+            return torch.addmm(res, (F.silu(gu[:, 0]) * gu[:, 1] * coef.unsqueeze(-1)).flatten(1), w_down_t)
+        return moe_all_experts_add
 
     def _router(self, gate: Router):
         """Router.forward in fewer ops, same choices: the excluded groups get -inf *added* (kept ones +0.0),
@@ -301,16 +323,16 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
     (at small sizes a step costs its op count): activations stay 2-D/3-D so linears are single GEMMs,
     q_pe and k_pe rotate in one matmul, and the causal mask is an additive bias fused into the score GEMM.
     Pass the Decoder's `plan` (built once); without one, a step builds its own."""
-    p = plan if plan is not None else DecodePlan(model)
+    p = plan if plan is not None else DecodePlan(model, cache.shape[2])
     cfg = p.cfg
     B, H, R = tokens.shape[0], cfg.num_attention_heads, cfg.kv_lora_rank
     n, r, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     scale = cfg.softmax_scale
     x = p.model.embed_tokens(tokens)  # [B,D]
-    rot = p.rotation(positions, x.dtype)  # [B,rope,rope]
-    rows = torch.arange(B, device=tokens.device)
-    layer_rows = torch.arange(len(p.layers), device=tokens.device)[:, None].expand(-1, B)  # [L,B]: views per layer
-    hidden = torch.arange(n_keys, device=tokens.device) > positions[:, None, None]  # [B,1,S]: keys after the row
+    rot = p.rotation(positions)  # [B,rope,rope]
+    rows = p.arange[:B]
+    layer_rows = p.arange[: len(p.layers), None].expand(-1, B)  # [L,B]: one view per layer
+    hidden = p.arange[:n_keys] > positions[:, None, None]  # [B,1,S]: keys after the row
     bias = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device).masked_fill_(hidden, float("-inf"))
     for i, lp in enumerate(p.layers):
         h = lp.in_norm(x)
@@ -325,8 +347,8 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
         scores = torch.baddbmm(bias, torch.cat([q_lat, pe[:, :H]], dim=-1), keys.mT, alpha=scale)  # [B,H,S]
         probs = scores.softmax(-1, dtype=torch.float32).to(x.dtype)
         o = torch.bmm(torch.bmm(probs, keys[..., :R]).transpose(0, 1), lp.w_uv)  # [H,B,v]
-        x = x + lp.o_proj(o.transpose(0, 1).reshape(B, H * v))
-        x = x + lp.ffn(lp.post_norm(x))
+        x = lp.o_proj_add(x, o.transpose(0, 1).reshape(B, H * v))
+        x = lp.ffn_add(x, lp.post_norm(x))
     return p.lm_head(p.norm(x)).float()
 
 
@@ -362,7 +384,7 @@ class Decoder:
             compile = os.environ.get("MOONLET_COMPILE") == "1"
         compile = compile and not self.use_graphs
         self.compiled = torch.compile(decode_step, dynamic=False, fullgraph=True) if compile else None
-        self.plan = DecodePlan(model)
+        self.plan = DecodePlan(model, cache.shape[2])
 
     @property
     def mode(self) -> str:
@@ -371,7 +393,7 @@ class Decoder:
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, n_keys: int) -> torch.Tensor:
         if not self.plan.fresh():  # the weights changed: re-fuse them (and recapture graphs)
-            self.plan = DecodePlan(self.model)
+            self.plan = DecodePlan(self.model, self.cache.shape[2])
             self.graphs.clear()
         if not self.use_graphs and self.compiled is None:
             return decode_step(self.model, tokens, positions, self.cache, n_keys, self.plan)
