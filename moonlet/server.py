@@ -220,6 +220,14 @@ class Server(ThreadingHTTPServer):
         self.metrics.engine_busy = getattr(engine, "has_work", None)
         self.watcher.start()
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up (a reset keep-alive connection, a broken pipe mid-stream) is routine, not a
+        server error: it is counted, without socketserver's traceback on stderr for each one."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            self.metrics.inc("client_disconnects_total")
+            return
+        super().handle_error(request, client_address)
+
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"

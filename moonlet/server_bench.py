@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -84,8 +85,18 @@ def _bench_one(base: str, body: bytes, headers: dict, timeout: float) -> tuple[f
         conn.close()
 
 
-def _engine_peer(model: str, bodies: list[bytes], concurrency: int) -> float:
-    """Completion tokens/s of the bench's requests submitted straight to an in-process Engine."""
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used so far (Linux /proc; None elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _engine_peer(model: str, bodies: list[bytes], concurrency: int) -> tuple[float, float]:
+    """(completion tokens/s, CPU seconds) of the bench's requests submitted straight to an in-process Engine."""
     import moonlet
     from moonlet import chat
     from moonlet.engine import Engine, SamplingParams
@@ -97,10 +108,10 @@ def _engine_peer(model: str, bodies: list[bytes], concurrency: int) -> float:
         jobs = [(chat.render_ids(b["messages"], tok, add_generation_prompt=True)[0],
                  SamplingParams(temperature=b["temperature"], seed=b["seed"], max_tokens=b["max_tokens"]))
                 for b in map(json.loads, bodies)]
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         reqs = [engine.submit(ids, params) for ids, params in jobs]
         tokens = sum(r.result().usage["completion_tokens"] for r in reqs)
-        return tokens / (time.perf_counter() - t0)
+        return tokens / (time.perf_counter() - t0), time.process_time() - cpu0
     finally:
         engine.stop()
 
@@ -150,14 +161,17 @@ def cli_bench_serve(argv: list[str]) -> int:
                 raise TimeoutError("bench --timeout reached before this request started")
             return _bench_one(a.base_url, body, headers, left)
 
-        t0 = time.perf_counter()
+        t0, client_cpu0 = time.perf_counter(), time.process_time()
+        server_cpu0 = _cpu_seconds(proc.pid) if proc is not None else None
         with ThreadPoolExecutor(a.concurrency) as pool:
             for f in [pool.submit(one, b) for b in bodies]:
                 try:
                     results.append(f.result())
                 except Exception as e:
                     errors.append(f"{type(e).__name__}: {e}")
-        wall = time.perf_counter() - t0
+        wall, client_cpu = time.perf_counter() - t0, time.process_time() - client_cpu0
+        server_cpu = _cpu_seconds(proc.pid) if server_cpu0 is not None else None
+        server_cpu = None if server_cpu is None else server_cpu - server_cpu0
     finally:
         if proc is not None:
             stop_server(proc)
@@ -169,9 +183,12 @@ def cli_bench_serve(argv: list[str]) -> int:
            "wall_s": round(wall, 3), "latency_p50_s": q(lat, 0.5), "latency_p99_s": q(lat, 0.99),
            "ttft_p50_s": q(ttft, 0.5), "ttft_p99_s": q(ttft, 0.99), "completion_tokens": toks,
            "tokens_per_s": round(toks / wall, 1), "requests_per_s": round(len(results) / wall, 2),
+           # CPU seconds during the run: the clients share this machine's cores with the server
+           "client_cpu_s": round(client_cpu, 2), "server_cpu_s": None if server_cpu is None else round(server_cpu, 2),
            "first_errors": errors[:3]}
     if peer is not None:  # the same requests straight into an in-process engine: what HTTP + SSE cost
-        out |= {"engine_tokens_per_s": round(peer, 1), "server_vs_engine": round(out["tokens_per_s"] / peer, 3)}
+        out |= {"engine_tokens_per_s": round(peer[0], 1), "engine_cpu_s": round(peer[1], 2),
+                "server_vs_engine": round(out["tokens_per_s"] / peer[0], 3)}
     if not a.json:
         print(f"{len(results)}/{a.requests} ok, p50 {out['latency_p50_s']} s, p99 {out['latency_p99_s']} s, "
               f"{out['tokens_per_s']} tokens/s")

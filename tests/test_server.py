@@ -14,6 +14,8 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
+import struct
 import threading
 import time
 import urllib.request
@@ -55,6 +57,9 @@ SCRIPT = [
 ]
 
 
+LOGS: dict = {}  # server name -> the tail of its stdout + stderr (spawn_server keeps it)
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     script = tmp_path_factory.mktemp("serve") / "script.json"
@@ -70,6 +75,7 @@ def servers(tmp_path_factory):
             scripted = pool.submit(spawn_server, ["--model", "tiny", "--script", str(script), "--script-delay", "0.002"])
             for name, fut in (("real", real), ("scripted", scripted)):
                 procs[name] = fut.result()
+                LOGS[name] = procs[name][0].log
         yield {name: url for name, (_, url) in procs.items()}
     finally:
         for proc, _ in procs.values():
@@ -220,6 +226,43 @@ def test_client_disconnect_cancels_the_engine_request(servers, stream):
         time.sleep(0.1)
     else:
         pytest.fail(f"the disconnected request was not cancelled:\n{text}")
+
+
+def test_a_client_resetting_its_connection_is_counted_not_logged_as_a_server_error(servers):
+    """HTTP clients often close a keep-alive connection with bytes unread, which resets it while the server
+    waits for the next request. That is routine: no traceback in the log, a count in /metrics, and the
+    server goes on serving."""
+    base = servers["real"]
+    u = urlsplit(base)
+    before = metric(metrics(base), "moonlet_client_disconnects_total")
+    LOGS["real"].clear()
+    for _ in range(3):
+        sock = socket.create_connection((u.hostname, u.port), timeout=10)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # its answer is never read
+        time.sleep(0.1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        sock.close()
+    deadline = time.monotonic() + 10
+    while metric(metrics(base), "moonlet_client_disconnects_total") < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(metrics(base), "moonlet_client_disconnects_total") >= before + 3
+    assert "Traceback" not in "".join(LOGS["real"])
+    with urllib.request.urlopen(base + "/health", timeout=10) as r:
+        assert r.status == 200
+
+
+def test_bench_serve_streams_every_request_and_reports_latency_throughput_and_client_cpu(servers, capsys):
+    from moonlet.server_bench import cli_bench_serve
+
+    assert cli_bench_serve(["--base-url", servers["real"] + "/v1", "--api-key", KEY, "--concurrency", "4",
+                            "--requests", "8", "--max-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["ok"], out["failed"]) == (8, 0)
+    assert 8 <= out["completion_tokens"] <= 32  # each stream's usage chunk: 1-4 tokens (a sampled stop ends one)
+    assert out["tokens_per_s"] > 0 and out["latency_p50_s"] >= out["ttft_p50_s"] > 0
+    assert out["client_cpu_s"] > 0 and out["server_cpu_s"] is None  # another process's server: not measured
 
 
 # ---------------------------------------------------------------------------------------- bad input -> 4xx
