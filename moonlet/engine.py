@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from moonlet.costs import tokens_that_fit
-from moonlet.kvcache import Decoder, PrefixCache, prefill_chunk
+from moonlet.kvcache import Decoder, PrefixCache, prefill_chunk, prefill_fresh
 from moonlet.model import Transformer
 
 __all__ = ["Engine", "Request", "SamplingParams", "sample"]
@@ -360,18 +360,59 @@ class Engine:
             self._slots[free] = req
             self._prefilling.append(req)
 
+    def _look_up(self, req: Request) -> None:
+        """Copy the cached blocks of the prompt's prefix into its slot (never the last token: we need its
+        logits). Done once, when the request is next to prefill, so that it sees what the requests ahead of
+        it just cached (heavy mode's branches share one prompt)."""
+        if req._looked_up:
+            return
+        req._looked_up = True
+        blocks = self.prefix_cache.lookup(req.prompt_ids[:-1])
+        for b, block in enumerate(blocks):
+            bs = block.shape[1]
+            self.cache[:, req._slot, b * bs : (b + 1) * bs] = block
+        req._pos = req._cached = sum(b.shape[1] for b in blocks)
+
+    def _prefill_fresh_group(self, budget: int) -> int:
+        """Prefill the prompts at the front of the queue that have nothing cached and fit in `budget` tokens
+        together (each padded to the longest) in one batched forward. Returns the tokens spent: 0 when fewer
+        than two qualify. A prompt whose first block another member computes waits, so it hits the cache."""
+        group: list[Request] = []
+        heads, longest, bs = set(), 0, self.prefix_cache.block_size
+        for req in self._prefilling:
+            head = tuple(req.prompt_ids[:bs]) if len(req.prompt_ids) > bs else None
+            width = max(longest, len(req.prompt_ids))
+            if (head is not None and head in heads) or (len(group) + 1) * width > budget:
+                break
+            self._look_up(req)
+            if req._pos > 0:
+                break
+            group.append(req)
+            heads.add(head)
+            longest = width
+        if len(group) < 2:
+            return 0
+        tokens = torch.tensor([r.prompt_ids + [0] * (longest - len(r.prompt_ids)) for r in group], device=self.device)
+        lengths = torch.tensor([len(r.prompt_ids) for r in group], device=self.device)
+        slots = torch.tensor([r._slot for r in group], device=self.device)
+        logits = prefill_fresh(self.model, tokens, lengths, self.cache, slots)
+        for req in group:  # every position first: moving one into a decode slot may swap another's rows
+            req._pos = len(req.prompt_ids)
+        for req in group:
+            self._prefilling.remove(req)
+            self.prefix_cache.insert(req.prompt_ids, self.cache[:, req._slot])
+            self._to_decoding(req)
+            self._check_thinking_budget(req)
+        self._emit(group, self._sample(logits, group))
+        return len(group) * longest
+
     def _prefill(self) -> None:
         budget = self.prefill_chunk
+        budget -= self._prefill_fresh_group(budget)
         while self._prefilling and budget > 0:
             req = self._prefilling[0]
             prompt, slot = req.prompt_ids, req._slot
-            if not req._looked_up:  # reuse cached prefix blocks (never the last token: we need its logits)
-                req._looked_up = True
-                blocks = self.prefix_cache.lookup(prompt[:-1])
-                for b, block in enumerate(blocks):
-                    bs = block.shape[1]
-                    self.cache[:, slot, b * bs : (b + 1) * bs] = block
-                req._pos = req._cached = sum(b.shape[1] for b in blocks)
+            self._look_up(req)
             n = min(budget, self.prefill_chunk, len(prompt) - req._pos)
             chunk = torch.tensor(prompt[req._pos : req._pos + n], device=self.device)
             logits = prefill_chunk(self.model, chunk, req._pos, self.cache[:, slot])

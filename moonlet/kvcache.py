@@ -65,6 +65,16 @@ def absorbed_attention(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, keys:
     return torch.einsum("bthr,hvr->bthv", o_lat, w[:, n:]).reshape(B, T, H * cfg.v_head_dim)
 
 
+def _expanded_attention(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor,
+                        k_pe: torch.Tensor) -> torch.Tensor:
+    """Causal attention of [B,T] tokens with nothing before them, in the expanded form (exactly the training
+    forward): cheaper than the absorbed one when every key is new. -> [B,T,H*v]"""
+    k, v = mla.expand(c, k_pe)
+    q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+    out = causal_attention(q, k.transpose(1, 2), v.transpose(1, 2), mla.cfg.softmax_scale)
+    return out.transpose(1, 2).flatten(2)
+
+
 def _latent_attention_layer(mla: MLA, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
                             start: int) -> torch.Tensor:
     """One prefill chunk h [1,T,D] at positions start.. of one sequence whose layer cache is kv [S_cap,K]."""
@@ -72,11 +82,8 @@ def _latent_attention_layer(mla: MLA, h: torch.Tensor, cos: torch.Tensor, sin: t
     q_nope, q_pe = mla.query(h, cos, sin)
     c, k_pe = mla.latent(h, cos, sin)
     kv[start : start + T] = torch.cat([c, k_pe], dim=-1)[0]
-    if start == 0:  # expanded form: exactly the training forward
-        k, v = mla.expand(c, k_pe)
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
-        out = causal_attention(q, k.transpose(1, 2), v.transpose(1, 2), mla.cfg.softmax_scale)
-        out = out.transpose(1, 2).reshape(1, T, -1)
+    if start == 0:
+        out = _expanded_attention(mla, q_nope, q_pe, c, k_pe)
     else:
         out = absorbed_attention(mla, q_nope, q_pe, kv[None, : start + T])
     return mla.o_proj(out)
@@ -92,6 +99,30 @@ def prefill_chunk(model: Transformer, tokens: torch.Tensor, start: int, kv: torc
         x = x + _latent_attention_layer(layer.self_attn, layer.input_layernorm(x), cos, sin, kv[i], start)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.lm_head(model.norm(x[:, -1]))[0].float()
+
+
+@torch.no_grad()
+def prefill_fresh(model: Transformer, tokens: torch.Tensor, lengths: torch.Tensor, cache: torch.Tensor,
+                  slots: torch.Tensor) -> torch.Tensor:
+    """Whole prompts of B sequences with nothing cached, in one forward: tokens [B,T], right-padded after each
+    row's lengths[b] tokens; row b's latents go to cache slot slots[b] (cache [L, slots, S_cap, K]). Returns the
+    fp32 logits [B,V] of each row's last prompt token. Causal attention never shows a token the padding after
+    it, so every row gets what prefill_chunk gives it alone (the padding's latents land past the row's end,
+    where decode masks them until it overwrites them). One forward instead of B: a small model's prefill costs
+    its op count, so many short prompts (a server's burst of requests) prefill up to B times faster."""
+    x = model.embed_tokens(tokens)
+    T = tokens.shape[1]
+    cos, sin = model.rope(torch.arange(T, device=tokens.device), x.dtype)
+    for i, layer in enumerate(model.layers):
+        mla = layer.self_attn
+        h = layer.input_layernorm(x)
+        q_nope, q_pe = mla.query(h, cos, sin)
+        c, k_pe = mla.latent(h, cos, sin)
+        cache[i, slots, :T] = torch.cat([c, k_pe], dim=-1)
+        x = x + mla.o_proj(_expanded_attention(mla, q_nope, q_pe, c, k_pe))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    last = x[torch.arange(tokens.shape[0], device=x.device), lengths - 1]  # [B,D]
+    return model.lm_head(model.norm(last)).float()
 
 
 def _lin(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
