@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from moonlet.costs import tokens_that_fit
-from moonlet.kvcache import Decoder, PrefixCache, prefill_chunk, prefill_fresh
+from moonlet.kvcache import Decoder, PrefixCache, prefill_batch, prefill_chunk
 from moonlet.model import Transformer
 
 __all__ = ["Engine", "Request", "SamplingParams", "sample"]
@@ -373,29 +373,30 @@ class Engine:
             self.cache[:, req._slot, b * bs : (b + 1) * bs] = block
         req._pos = req._cached = sum(b.shape[1] for b in blocks)
 
-    def _prefill_fresh_group(self, budget: int) -> int:
-        """Prefill the prompts at the front of the queue that have nothing cached and fit in `budget` tokens
-        together (each padded to the longest) in one batched forward. Returns the tokens spent: 0 when fewer
-        than two qualify. A prompt whose first block another member computes waits, so it hits the cache."""
+    def _prefill_group(self, budget: int) -> int:
+        """Finish, in one batched forward (kvcache.prefill_batch), the prompts at the front of the queue whose
+        remaining tokens fit in `budget` together (each padded to the longest), with the attention scores under
+        2^26 entries. Returns the tokens spent: 0 when fewer than two qualify. A prompt whose next uncached
+        block a member computes waits for its turn, so that it hits the cache (heavy mode's branches)."""
         group: list[Request] = []
-        heads, longest, bs = set(), 0, self.prefix_cache.block_size
+        width = longest = last_start = 0
+        H, cap = self.cfg.num_attention_heads, self.cache.shape[2]
         for req in self._prefilling:
-            head = tuple(req.prompt_ids[:bs]) if len(req.prompt_ids) > bs else None
-            width = max(longest, len(req.prompt_ids))
-            if (head is not None and head in heads) or (len(group) + 1) * width > budget:
-                break
+            first_look = not req._looked_up
             self._look_up(req)
-            if req._pos > 0:
+            w, S = max(width, len(req.prompt_ids) - req._pos), max(longest, len(req.prompt_ids))
+            n = len(group) + 1
+            fits = n * w <= budget and max(last_start, req._pos) + w <= cap and n * H * w * S <= 1 << 26
+            if not fits or self._extends_a_member(req, group):
+                if first_look:  # look it up again at its turn: it may hit what this group caches
+                    req._looked_up, req._pos, req._cached = False, 0, 0
                 break
             group.append(req)
-            heads.add(head)
-            longest = width
+            width, longest, last_start = w, S, max(last_start, req._pos)
         if len(group) < 2:
             return 0
-        tokens = torch.tensor([r.prompt_ids + [0] * (longest - len(r.prompt_ids)) for r in group], device=self.device)
-        lengths = torch.tensor([len(r.prompt_ids) for r in group], device=self.device)
-        slots = torch.tensor([r._slot for r in group], device=self.device)
-        logits = prefill_fresh(self.model, tokens, lengths, self.cache, slots)
+        logits = prefill_batch(self.model, [r.prompt_ids[r._pos :] for r in group], [r._pos for r in group],
+                               self.cache, [r._slot for r in group])
         for req in group:  # every position first: moving one into a decode slot may swap another's rows
             req._pos = len(req.prompt_ids)
         for req in group:
@@ -404,11 +405,19 @@ class Engine:
             self._to_decoding(req)
             self._check_thinking_budget(req)
         self._emit(group, self._sample(logits, group))
-        return len(group) * longest
+        return len(group) * width
+
+    def _extends_a_member(self, req: Request, group: list[Request]) -> bool:
+        """Whether a group member's prompt holds req's next uncached block (with the same prefix before it)."""
+        need = req._pos + self.prefix_cache.block_size
+        if self.prefix_cache.max_bytes <= 0 or len(req.prompt_ids) - 1 < need:
+            return False
+        head = req.prompt_ids[:need]
+        return any(len(m.prompt_ids) >= need and m.prompt_ids[:need] == head for m in group)
 
     def _prefill(self) -> None:
         budget = self.prefill_chunk
-        budget -= self._prefill_fresh_group(budget)
+        budget -= self._prefill_group(budget)
         while self._prefilling and budget > 0:
             req = self._prefilling[0]
             prompt, slot = req.prompt_ids, req._slot

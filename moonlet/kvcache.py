@@ -23,7 +23,6 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from moonlet.model import (
     MLA,
@@ -40,27 +39,28 @@ from moonlet.model import (
 # attention over the latent cache
 
 
-def absorbed_attention(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """A prefill chunk in the absorbed form: q_nope [1,T,H,nope], rotated q_pe [1,T,H,rope], cached keys
-    [1,S,R+rope] (key j at position j; the queries are the last T of them, causal) -> output [1,T,H*v].
-    (decode_step inlines the same math for one token per row.)"""
+def absorbed_attention(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, keys: torch.Tensor,
+                       positions: torch.Tensor) -> torch.Tensor:
+    """Prefill queries in the absorbed form: q_nope [B,T,H,nope] and rotated q_pe [B,T,H,rope] at positions
+    [B,T], over cached keys [B,S,R+rope] (key j at position j); query (b, t) sees keys 0..positions[b, t].
+    -> output [B,T,H*v]. (decode_step inlines the same math for one token per row.)"""
     cfg = mla.cfg
     B, T, H, n = q_nope.shape
     R = cfg.kv_lora_rank
     w = mla.kv_b_proj.weight.view(H, n + cfg.v_head_dim, R)
     q = torch.cat([torch.einsum("bthn,hnr->bthr", q_nope, w[:, :n]), q_pe], dim=-1)  # [B,T,H,R+rope]
     S = keys.shape[1]
-    # queries at S-T..S-1 over the cached prefix: causal, aligned bottom-right. Heads share one key vector
-    # (MQA), so keys are broadcast views; query sub-blocks keep any materialized scores under ~2^26 entries
-    # at any context length.
-    step = max(1, (1 << 26) // (H * S))
+    # heads share one key vector (MQA), so keys are broadcast views; query sub-blocks keep any materialized
+    # scores under ~2^26 entries at any context length
+    step = max(1, (1 << 26) // (B * H * S))
+    k = keys[:, None].expand(B, H, S, keys.shape[-1])
+    key_positions = torch.arange(S, device=keys.device)
     outs = []
     for t in range(0, T, step):
         qb = q[:, t : t + step].transpose(1, 2)  # [B,H,tb,K]
-        end = S - T + t + qb.shape[2]
-        k = keys[:, None, :end].expand(B, H, end, keys.shape[-1])
-        outs.append(F.scaled_dot_product_attention(qb, k, k[..., :R], scale=cfg.softmax_scale,
-                                                   attn_mask=causal_lower_right(qb.shape[2], end)))
+        visible = key_positions <= positions[:, t : t + step, None]  # [B,tb,S]
+        outs.append(F.scaled_dot_product_attention(qb, k, k[..., :R], attn_mask=visible[:, None],
+                                                   scale=cfg.softmax_scale))
     o_lat = torch.cat(outs, dim=2).transpose(1, 2)  # [B,T,H,R]
     return torch.einsum("bthr,hvr->bthv", o_lat, w[:, n:]).reshape(B, T, H * cfg.v_head_dim)
 
@@ -85,7 +85,8 @@ def _latent_attention_layer(mla: MLA, h: torch.Tensor, cos: torch.Tensor, sin: t
     if start == 0:
         out = _expanded_attention(mla, q_nope, q_pe, c, k_pe)
     else:
-        out = absorbed_attention(mla, q_nope, q_pe, kv[None, : start + T])
+        out = absorbed_attention(mla, q_nope, q_pe, kv[None, : start + T],
+                                 torch.arange(start, start + T, device=kv.device)[None])
     return mla.o_proj(out)
 
 
@@ -102,26 +103,32 @@ def prefill_chunk(model: Transformer, tokens: torch.Tensor, start: int, kv: torc
 
 
 @torch.no_grad()
-def prefill_fresh(model: Transformer, tokens: torch.Tensor, lengths: torch.Tensor, cache: torch.Tensor,
-                  slots: torch.Tensor) -> torch.Tensor:
-    """Whole prompts of B sequences with nothing cached, in one forward: tokens [B,T], right-padded after each
-    row's lengths[b] tokens; row b's latents go to cache slot slots[b] (cache [L, slots, S_cap, K]). Returns the
-    fp32 logits [B,V] of each row's last prompt token. Causal attention never shows a token the padding after
-    it, so every row gets what prefill_chunk gives it alone (the padding's latents land past the row's end,
-    where decode masks them until it overwrites them). One forward instead of B: a small model's prefill costs
-    its op count, so many short prompts (a server's burst of requests) prefill up to B times faster."""
-    x = model.embed_tokens(tokens)
-    T = tokens.shape[1]
-    cos, sin = model.rope(torch.arange(T, device=tokens.device), x.dtype)
+def prefill_batch(model: Transformer, tokens: list[list[int]], starts: list[int], cache: torch.Tensor,
+                  slots: list[int]) -> torch.Tensor:
+    """The next tokens of B sequences in one forward: row b's tokens[b] at positions starts[b].. of cache slot
+    slots[b] (cache [L, slots, S_cap, K]), attending to what that slot holds before them (absorbed form).
+    Returns the fp32 logits [B,V] of each row's last token. Rows are right-padded to the longest; a query
+    never sees a position after its own, so every row gets what prefill_chunk gives it alone (the padding's
+    latents land past the row's end, where decode masks them until it overwrites them; the caller keeps them
+    inside the cache). One forward instead of B: a small model's prefill costs its op count, so a burst of
+    short requests (a server's, behind one shared system prompt) prefills up to B times faster."""
+    dev = cache.device
+    B, T = len(tokens), max(map(len, tokens))
+    ids = torch.tensor([t + [0] * (T - len(t)) for t in tokens], device=dev)
+    positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)  # [B,T]
+    rows = torch.tensor(slots, device=dev)
+    S = max(s + len(t) for s, t in zip(starts, tokens))  # keys up to the last real token of any row
+    x = model.embed_tokens(ids)
+    cos, sin = model.rope(positions, x.dtype)
     for i, layer in enumerate(model.layers):
         mla = layer.self_attn
         h = layer.input_layernorm(x)
         q_nope, q_pe = mla.query(h, cos, sin)
         c, k_pe = mla.latent(h, cos, sin)
-        cache[i, slots, :T] = torch.cat([c, k_pe], dim=-1)
-        x = x + mla.o_proj(_expanded_attention(mla, q_nope, q_pe, c, k_pe))
+        cache[i, rows[:, None], positions] = torch.cat([c, k_pe], dim=-1)
+        x = x + mla.o_proj(absorbed_attention(mla, q_nope, q_pe, cache[i, rows, :S], positions))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    last = x[torch.arange(tokens.shape[0], device=x.device), lengths - 1]  # [B,D]
+    last = x[torch.arange(B, device=dev), torch.tensor([len(t) - 1 for t in tokens], device=dev)]  # [B,D]
     return model.lm_head(model.norm(last)).float()
 
 

@@ -81,26 +81,40 @@ def test_greedy_equals_full_forward_for_a_batch_of_different_lengths(tiny):
                            "reasoning_tokens": 0}
 
 
-def test_a_burst_of_short_fresh_prompts_prefills_in_one_forward_with_the_solo_tokens(tiny, monkeypatch):
-    """Prompts with nothing cached that fit the prefill budget together run as one right-padded batch (a
-    server's burst of requests costs one forward, not one each); every request keeps the full forward's
-    tokens. Prompts that share a first block still go one after another, so the later ones hit the cache."""
+def test_a_burst_of_short_prompts_prefills_in_one_forward_with_the_solo_tokens(tiny, monkeypatch):
+    """Prompts whose remaining tokens fit the prefill budget together run as one right-padded batch, each after
+    its own cached prefix (a server's burst of requests behind one system prompt costs one forward, not one
+    each); every request keeps the full forward's tokens. A prompt whose next block another member computes
+    still waits for its turn, so it hits the cache."""
     from moonlet import engine as engine_module
 
     shapes = []
-    batched = engine_module.prefill_fresh
-    monkeypatch.setattr(engine_module, "prefill_fresh", lambda *a: shapes.append(tuple(a[1].shape)) or batched(*a))
+    batched = engine_module.prefill_batch
+    monkeypatch.setattr(engine_module, "prefill_batch",
+                        lambda model, toks, starts, *a: shapes.append((len(toks), max(map(len, toks)), starts))
+                        or batched(model, toks, starts, *a))
+    eng = Engine(tiny, max_batch_size=4, max_seq_len=96, prefill_chunk=128)
     ps = prompts(6, [3, 20, 9, 17, 1, 12], seed=3)
-    eng = Engine(tiny, max_batch_size=4, max_seq_len=64, prefill_chunk=128)
     reqs = [eng.submit(p, GREEDY) for p in ps]
     for r in reqs:
         r.result(timeout=60)
-    assert shapes == [(4, 20), (2, 12)]  # the 4 admitted at once, padded to the longest; then the other 2
+    assert shapes == [(4, 20, [0, 0, 0, 0]), (2, 12, [0, 0])]  # the 4 admitted at once, then the other 2
     for p, r in zip(ps, reqs):
         assert r.output_ids == full_forward_greedy(tiny, p, GREEDY.max_tokens)
         assert r.usage["cached_tokens"] == 0
+
+    [system] = prompts(1, [35], seed=4)  # a shared prefix of two whole blocks, cached by a first request
+    eng.submit(system + [7], GREEDY).result(timeout=60)
     shapes.clear()
-    [p] = prompts(1, [20], seed=4)
+    ps = [system + p for p in prompts(4, [5, 11, 2, 8], seed=5)]
+    reqs = [eng.submit(p, GREEDY) for p in ps]
+    for p, r in zip(ps, reqs):
+        assert r.result(timeout=60).output_ids == full_forward_greedy(tiny, p, GREEDY.max_tokens)
+        assert r.usage["cached_tokens"] == 32
+    assert shapes == [(4, 14, [32, 32, 32, 32])]
+
+    shapes.clear()
+    [p] = prompts(1, [20], seed=6)
     reqs = [eng.submit(p, GREEDY) for _ in range(3)]
     assert [r.result(timeout=60).usage["cached_tokens"] for r in reqs] == [0, 16, 16]
     assert shapes == [] and all(r.output_ids == reqs[0].output_ids for r in reqs)
