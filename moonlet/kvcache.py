@@ -1,5 +1,5 @@
-"""The latent KV cache and the forward passes that use it: chunked prefill, absorbed-MLA decode, the prefix
-cache, and a CUDA-graph runner for the one-token decode step.
+"""The latent KV cache and the forward passes that use it: chunked and batched prefill, absorbed-MLA decode,
+the prefix cache, and a CUDA-graph runner for the one-token decode step.
 
 MLA's keys and values are functions of a per-token latent: the normalized `c` (kv_lora_rank) and the rotated
 rope key `k_pe` (rope dims, shared by all heads). We cache exactly that, `[c | k_pe]` = cfg.kv_latent_dim
@@ -10,7 +10,8 @@ Decode is "absorbed": with W_kvb viewed as [H, nope+v, R], the key half is folde
 then scores the *same* 576-dim cached vectors, i.e. attention is multi-query with 576-dim keys and 512-dim
 values (the first R dims of the same vectors). The first prefill chunk of a prompt uses the expanded form
 (cheaper when everything is new); later chunks attend to the cached prefix in the absorbed form, so memory is
-bounded by the latent cache, never by per-head K/V of the whole context.
+bounded by the latent cache, never by per-head K/V of the whole context. Short prompts queued together
+prefill as one padded batch in the absorbed form, each after its own cached prefix.
 """
 
 from __future__ import annotations
