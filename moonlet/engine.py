@@ -1,14 +1,14 @@
 """The inference engine: requests in, streamed tokens out.
 
 One scheduler step admits waiting requests into free cache slots, prefills prompts in chunks (reusing cached
-prefix blocks), then runs one batched decode step for every sequence that is generating: requests of any
+prefix blocks; short ones queued together run as one batch), then runs one batched decode step for every sequence that is generating: requests of any
 length join and leave between steps (continuous batching). The per-sequence state lives in a static latent
 cache [layers, slots, max_seq_len + 1, kv_latent_dim] (see moonlet.kvcache); generating sequences always
 occupy slots 0..n-1 (a finished one is replaced by the last), so a decode step is a plain slice, which is
 what a CUDA graph wants.
 
-Sampling runs on the device (temperature, top-k, top-p, then the exponential-race trick with a per-request
-generator), so a step costs one host sync: reading the B new token ids. Budgets (max_tokens, stop ids and
+Sampling runs on the device (temperature, top-k, top-p, then one uniform per row from the request's generator
+inverting the CDF), so a step costs one host sync: reading the B new token ids. Budgets (max_tokens, stop ids and
 strings, max_thinking_tokens forcing `</think>`) are applied on the host from those ids.
 """
 
