@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import moonlet
-from moonlet.engine import Engine, SamplingParams, inverse_cdf, sample
+from moonlet.engine import Engine, SamplingParams
 from moonlet.kvcache import Decoder, PrefixCache
+from moonlet.sampling import inverse_cdf, sample
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
