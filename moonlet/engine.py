@@ -389,9 +389,14 @@ class Engine:
         return any(len(m.prompt_ids) >= need and m.prompt_ids[:need] == head for m in group)
 
     def _prefill(self) -> None:
+        """Spend up to prefill_chunk prompt tokens: a batch of the requests in front when two or more fit,
+        else the next chunk of the first one (after which the ones that waited for its blocks may batch)."""
         budget = self.prefill_chunk
-        budget -= self._prefill_group(budget)
         while self._prefilling and budget > 0:
+            spent = self._prefill_group(budget)
+            if spent:
+                budget -= spent
+                continue
             req = self._prefilling[0]
             prompt, slot = req.prompt_ids, req._slot
             self._look_up(req)

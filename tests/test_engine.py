@@ -86,7 +86,7 @@ def test_a_burst_of_short_prompts_prefills_in_one_forward_with_the_solo_tokens(t
     """Prompts whose remaining tokens fit the prefill budget together run as one right-padded batch, each after
     its own cached prefix (a server's burst of requests behind one system prompt costs one forward, not one
     each); every request keeps the full forward's tokens. A prompt whose next block another member computes
-    still waits for its turn, so it hits the cache."""
+    waits until that member is done, so it hits the cache."""
     from moonlet import engine as engine_module
 
     shapes = []
@@ -118,7 +118,8 @@ def test_a_burst_of_short_prompts_prefills_in_one_forward_with_the_solo_tokens(t
     [p] = prompts(1, [20], seed=6)
     reqs = [eng.submit(p, GREEDY) for _ in range(3)]
     assert [r.result(timeout=60).usage["cached_tokens"] for r in reqs] == [0, 16, 16]
-    assert shapes == [] and all(r.output_ids == reqs[0].output_ids for r in reqs)
+    assert shapes == [(2, 4, [16, 16])]  # the first alone; then the two that waited for its block, together
+    assert all(r.output_ids == reqs[0].output_ids for r in reqs)
 
 
 @pytest.mark.parametrize("overrides", [dict(attention_bias=True), dict(q_lora_rank=None), dict(n_shared_experts=0),
