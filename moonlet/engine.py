@@ -1,15 +1,16 @@
 """The inference engine: requests in, streamed tokens out.
 
 One scheduler step admits waiting requests into free cache slots, prefills prompts in chunks (reusing cached
-prefix blocks; short ones queued together run as one batch), then runs one batched decode step for every sequence that is generating: requests of any
-length join and leave between steps (continuous batching). The per-sequence state lives in a static latent
-cache [layers, slots, max_seq_len + 1, kv_latent_dim] (see moonlet.kvcache); generating sequences always
-occupy slots 0..n-1 (a finished one is replaced by the last), so a decode step is a plain slice, which is
-what a CUDA graph wants.
+prefix blocks; short ones queued together run as one batch), then runs one batched decode step for every
+sequence that is generating: requests of any length join and leave between steps (continuous batching). The
+per-sequence state lives in a static latent cache [layers, slots, max_seq_len + 1, kv_latent_dim] (see
+moonlet.kvcache); generating sequences always occupy slots 0..n-1 (a finished one is replaced by the last), so
+a decode step is a plain slice, which is what a CUDA graph wants.
 
-Sampling runs on the device (temperature, top-k, top-p, then one uniform per row from the request's generator
-inverting the CDF), so a step costs one host sync: reading the B new token ids. Budgets (max_tokens, stop ids and
-strings, max_thinking_tokens forcing `</think>`) are applied on the host from those ids.
+Sampling (moonlet.sampling) runs on the device: temperature, top-k, top-p, then one uniform per row from the
+request's generator inverting the CDF. So a step costs one host sync: reading the B new token ids. Budgets
+(max_tokens, stop ids and strings, max_thinking_tokens forcing `</think>`) are applied on the host from those
+ids.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moonlet.costs import tokens_that_fit
-from moonlet.kvcache import Decoder, PrefixCache, prefill_batch, prefill_chunk
+from moonlet.kvcache import Decoder, PrefixCache, prefill
 from moonlet.model import Transformer
 from moonlet.sampling import SamplingParams, sample
 
@@ -346,11 +347,11 @@ class Engine:
             self.cache[:, req._slot, b * bs : (b + 1) * bs] = block
         req._pos = req._cached = sum(b.shape[1] for b in blocks)
 
-    def _prefill_group(self, budget: int) -> int:
-        """Finish, in one batched forward (kvcache.prefill_batch), the prompts at the front of the queue whose
-        remaining tokens fit in `budget` together (each padded to the longest), with the attention scores under
-        2^26 entries. Returns the tokens spent: 0 when fewer than two qualify. A prompt whose next uncached
-        block a member computes waits for its turn, so that it hits the cache (heavy mode's branches)."""
+    def _batch(self, budget: int) -> list[Request]:
+        """The requests at the front of the queue whose remaining prompts fit in `budget` tokens together (each
+        padded to the longest), with the batch's scores and gathered keys bounded (2^26 score entries); [] when
+        fewer than two qualify. A prompt whose next uncached block a member computes waits for its turn, so
+        that it hits the cache (heavy mode's branches)."""
         group: list[Request] = []
         width = longest = last_start = 0
         H, cap = self.cfg.num_attention_heads, self.cache.shape[2]
@@ -366,19 +367,7 @@ class Engine:
                 break
             group.append(req)
             width, longest, last_start = w, S, max(last_start, req._pos)
-        if len(group) < 2:
-            return 0
-        logits = prefill_batch(self.model, [r.prompt_ids[r._pos :] for r in group], [r._pos for r in group],
-                               self.cache, [r._slot for r in group])
-        for req in group:  # every position first: moving one into a decode slot may swap another's rows
-            req._pos = len(req.prompt_ids)
-        for req in group:
-            self._prefilling.remove(req)
-            self.prefix_cache.insert(req.prompt_ids, self.cache[:, req._slot])
-            self._to_decoding(req)
-            self._check_thinking_budget(req)
-        self._emit(group, self._sample(logits, group))
-        return len(group) * width
+        return group if len(group) > 1 else []
 
     def _extends_a_member(self, req: Request, group: list[Request]) -> bool:
         """Whether a group member's prompt holds req's next uncached block (with the same prefix before it)."""
@@ -389,29 +378,31 @@ class Engine:
         return any(len(m.prompt_ids) >= need and m.prompt_ids[:need] == head for m in group)
 
     def _prefill(self) -> None:
-        """Spend up to prefill_chunk prompt tokens: a batch of the requests in front when two or more fit,
-        else the next chunk of the first one (after which the ones that waited for its blocks may batch)."""
+        """Spend up to prefill_chunk prompt tokens, in forwards of kvcache.prefill: the requests in front when
+        two or more fit together (_batch), else the next chunk of the first one (after which the ones that
+        waited for its blocks may batch). A request whose prompt is done samples its first token."""
         budget = self.prefill_chunk
         while self._prefilling and budget > 0:
-            spent = self._prefill_group(budget)
-            if spent:
-                budget -= spent
-                continue
-            req = self._prefilling[0]
-            prompt, slot = req.prompt_ids, req._slot
-            self._look_up(req)
-            n = min(budget, self.prefill_chunk, len(prompt) - req._pos)
-            chunk = torch.tensor(prompt[req._pos : req._pos + n], device=self.device)
-            logits = prefill_chunk(self.model, chunk, req._pos, self.cache[:, slot])
-            req._pos += n
-            budget -= n
-            if req._pos < len(prompt):
-                continue
-            self._prefilling.pop(0)
-            self.prefix_cache.insert(prompt, self.cache[:, slot])
-            self._to_decoding(req)
-            self._check_thinking_budget(req)
-            self._emit([req], self._sample(logits[None], [req]))
+            group = self._batch(budget)
+            if group:
+                chunks = [r.prompt_ids[r._pos :] for r in group]
+            else:
+                group = [self._prefilling[0]]
+                self._look_up(group[0])
+                chunks = [group[0].prompt_ids[group[0]._pos : group[0]._pos + budget]]
+            logits = prefill(self.model, chunks, [r._pos for r in group], self.cache, [r._slot for r in group])
+            budget -= len(group) * max(map(len, chunks))
+            for req, chunk in zip(group, chunks):  # every position first: moving one into a decode slot may
+                req._pos += len(chunk)              # swap another's cache rows
+            done = [i for i, r in enumerate(group) if r._pos == len(r.prompt_ids)]
+            for req in (group[i] for i in done):
+                self._prefilling.remove(req)
+                self.prefix_cache.insert(req.prompt_ids, self.cache[:, req._slot])
+                self._to_decoding(req)
+                self._check_thinking_budget(req)
+            if done:
+                finished = [group[i] for i in done]
+                self._emit(finished, self._sample(logits[done], finished))
 
     def _to_decoding(self, req: Request) -> None:
         """Move a prefilled sequence into slot _n_dec (swapping with a prefilling one if needed)."""

@@ -11,7 +11,7 @@ then scores the *same* 576-dim cached vectors, i.e. attention is multi-query wit
 values (the first R dims of the same vectors). The first prefill chunk of a prompt uses the expanded form
 (cheaper when everything is new); later chunks attend to the cached prefix in the absorbed form, so memory is
 bounded by the latent cache, never by per-head K/V of the whole context. Short prompts queued together
-prefill as one padded batch in the absorbed form, each after its own cached prefix.
+prefill as one padded batch, each after its own cached prefix.
 """
 
 from __future__ import annotations
@@ -76,49 +76,24 @@ def _expanded_attention(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, c: t
     return out.transpose(1, 2).flatten(2)
 
 
-def _latent_attention_layer(mla: MLA, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
-                            start: int) -> torch.Tensor:
-    """One prefill chunk h [1,T,D] at positions start.. of one sequence whose layer cache is kv [S_cap,K]."""
-    T = h.shape[1]
-    q_nope, q_pe = mla.query(h, cos, sin)
-    c, k_pe = mla.latent(h, cos, sin)
-    kv[start : start + T] = torch.cat([c, k_pe], dim=-1)[0]
-    if start == 0:
-        out = _expanded_attention(mla, q_nope, q_pe, c, k_pe)
-    else:
-        out = absorbed_attention(mla, q_nope, q_pe, kv[None, : start + T],
-                                 torch.arange(start, start + T, device=kv.device)[None])
-    return mla.o_proj(out)
-
-
 @torch.no_grad()
-def prefill_chunk(model: Transformer, tokens: torch.Tensor, start: int, kv: torch.Tensor) -> torch.Tensor:
-    """Run tokens [T] at positions start..start+T-1 of one sequence, writing its latent cache kv [L,S_cap,K];
-    returns the fp32 logits [V] of the last token."""
-    x = model.embed_tokens(tokens[None])
-    cos, sin = model.rope(torch.arange(start, start + tokens.shape[0], device=tokens.device), x.dtype)
-    for i, layer in enumerate(model.layers):
-        x = x + _latent_attention_layer(layer.self_attn, layer.input_layernorm(x), cos, sin, kv[i], start)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.lm_head(model.norm(x[:, -1]))[0].float()
-
-
-@torch.no_grad()
-def prefill_batch(model: Transformer, tokens: list[list[int]], starts: list[int], cache: torch.Tensor,
-                  slots: list[int]) -> torch.Tensor:
-    """The next tokens of B sequences in one forward: row b's tokens[b] at positions starts[b].. of cache slot
-    slots[b] (cache [L, slots, S_cap, K]), attending to what that slot holds before them (absorbed form).
-    Returns the fp32 logits [B,V] of each row's last token. Rows are right-padded to the longest; a query
-    never sees a position after its own, so every row gets what prefill_chunk gives it alone (the padding's
-    latents land past the row's end, where decode masks them until it overwrites them; the caller keeps them
-    inside the cache). One forward instead of B: a small model's prefill costs its op count, so a burst of
-    short requests (a server's, behind one shared system prompt) prefills up to B times faster."""
+def prefill(model: Transformer, tokens: list[list[int]], starts: list[int], cache: torch.Tensor,
+            slots: list[int]) -> torch.Tensor:
+    """The next prompt tokens of B sequences in one forward: row b's tokens[b] at positions starts[b].. of
+    cache slot slots[b] (cache [L, slots, S_cap, K]). Returns the fp32 logits [B,V] of each row's last token.
+    When every row starts at 0, attention takes the expanded form (exactly the training forward, cheaper when
+    every key is new); otherwise the absorbed form over what each slot holds before its tokens, so memory is
+    bounded by the latent cache. Rows are right-padded to the longest: a query never sees a position after its
+    own, so each row gets what it would alone (the padding's latents land past the row's end, where decode
+    masks them until it overwrites them; the caller keeps them inside the cache). One forward for B rows: a
+    small model's prefill costs its op count, so a burst of short requests prefills up to B times faster."""
     dev = cache.device
     B, T = len(tokens), max(map(len, tokens))
     ids = torch.tensor([t + [0] * (T - len(t)) for t in tokens], device=dev)
     positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)  # [B,T]
     rows = torch.tensor(slots, device=dev)
     S = max(s + len(t) for s, t in zip(starts, tokens))  # keys up to the last real token of any row
+    fresh = not any(starts)
     x = model.embed_tokens(ids)
     cos, sin = model.rope(positions, x.dtype)
     for i, layer in enumerate(model.layers):
@@ -127,7 +102,12 @@ def prefill_batch(model: Transformer, tokens: list[list[int]], starts: list[int]
         q_nope, q_pe = mla.query(h, cos, sin)
         c, k_pe = mla.latent(h, cos, sin)
         cache[i, rows[:, None], positions] = torch.cat([c, k_pe], dim=-1)
-        x = x + mla.o_proj(absorbed_attention(mla, q_nope, q_pe, cache[i, rows, :S], positions))
+        if fresh:
+            out = _expanded_attention(mla, q_nope, q_pe, c, k_pe)
+        else:  # one row reads its slot as a view; several gather theirs
+            keys = cache[i, slots[0], None, :S] if B == 1 else cache[i, rows, :S]
+            out = absorbed_attention(mla, q_nope, q_pe, keys, positions)
+        x = x + mla.o_proj(out)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     last = x[torch.arange(B, device=dev), torch.tensor([len(t) - 1 for t in tokens], device=dev)]  # [B,D]
     return model.lm_head(model.norm(last)).float()

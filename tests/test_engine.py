@@ -90,8 +90,8 @@ def test_a_burst_of_short_prompts_prefills_in_one_forward_with_the_solo_tokens(t
     from moonlet import engine as engine_module
 
     shapes = []
-    batched = engine_module.prefill_batch
-    monkeypatch.setattr(engine_module, "prefill_batch",
+    batched = engine_module.prefill
+    monkeypatch.setattr(engine_module, "prefill",
                         lambda model, toks, starts, *a: shapes.append((len(toks), max(map(len, toks)), starts))
                         or batched(model, toks, starts, *a))
     eng = Engine(tiny, max_batch_size=4, max_seq_len=96, prefill_chunk=128)
@@ -118,7 +118,7 @@ def test_a_burst_of_short_prompts_prefills_in_one_forward_with_the_solo_tokens(t
     [p] = prompts(1, [20], seed=6)
     reqs = [eng.submit(p, GREEDY) for _ in range(3)]
     assert [r.result(timeout=60).usage["cached_tokens"] for r in reqs] == [0, 16, 16]
-    assert shapes == [(2, 4, [16, 16])]  # the first alone; then the two that waited for its block, together
+    assert shapes == [(1, 20, [0]), (2, 4, [16, 16])]  # the first alone; the two that waited for its block, together
     assert all(r.output_ids == reqs[0].output_ids for r in reqs)
 
 
