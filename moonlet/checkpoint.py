@@ -105,6 +105,13 @@ def _shard_files(path: Path) -> list[Path]:
     return files
 
 
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype the commands (generate, serve, agent, bench) load weights in unless told: bfloat16 on CUDA
+    (what K2 runs in, and what the kernels are tuned for), float32 elsewhere (CPU bf16 matmuls are slow, and
+    the parity tests hold fp32 to HF's tokens). `load` itself keeps float32, the training master dtype."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def load(path_or_preset: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          seed: int = 0) -> Transformer:
     """A model from an HF-format directory, or a preset name with random weights (seeded)."""

@@ -21,9 +21,12 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
 
 
 def _device_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
+    """--device (default: cuda if there is one) and --dtype (default: checkpoint.default_dtype)."""
+    from moonlet.checkpoint import default_dtype
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.dtype is None:
-        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return device, default_dtype(device)
     if args.dtype not in _DTYPES:
         raise SystemExit(f"--dtype {args.dtype!r}: choose one of {', '.join(_DTYPES)}")
     return device, _DTYPES[args.dtype]

@@ -494,11 +494,11 @@ def make_server(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
         limit = max_model_len or 32768
     else:
         import moonlet
+        from moonlet.checkpoint import default_dtype
         from moonlet.engine import Engine
 
-        if dtype == "auto":
-            dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-        net = moonlet.load(model, device=device, dtype=getattr(torch, dtype))
+        net = moonlet.load(model, device=device,
+                           dtype=default_dtype(device) if dtype == "auto" else getattr(torch, dtype))
         if max_model_len is not None and max_model_len > net.cfg.max_position_embeddings:
             raise ValueError(f"--max-model-len {max_model_len} is over the model's max_position_embeddings "
                              f"({net.cfg.max_position_embeddings})")

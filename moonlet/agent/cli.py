@@ -86,11 +86,12 @@ def make_backend(args: argparse.Namespace) -> tuple[Any, int | None]:
 
     import moonlet
     from moonlet.agent.backends import LocalBackend
+    from moonlet.checkpoint import default_dtype
     from moonlet.engine import Engine
     from moonlet.tokenizer import load_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"), None)
+    dtype = default_dtype(device) if args.dtype is None else getattr(torch, args.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise SystemExit(f"moonlet: --dtype {args.dtype!r} is not a torch dtype")
     model = moonlet.load(args.model, device=device, dtype=dtype)
