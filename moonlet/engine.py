@@ -41,7 +41,7 @@ class Request:
     """One generation. The engine appends to `output_ids` (released tokens; a tail that might start a stop
     string is held back until it cannot) and sets `finished` / `finish_reason` last."""
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams):
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams, listener=None):
         self.id = f"req-{next(_ids)}"
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -53,6 +53,8 @@ class Request:
         self.t_first_token: float | None = None
         self._engine = engine
         self._events: queue.SimpleQueue = queue.SimpleQueue()  # one item per release and at the finish
+        self._done = threading.Event()  # set at the finish: result() wakes once, not at every release
+        self._listener = listener
         self._cancel = False
         self._slot = -1
         self._pos = 0  # positions of this sequence already in the cache
@@ -81,8 +83,9 @@ class Request:
         self._cancel = True
         self._engine._wake.set()
 
-    def _wait(self, cond, timeout: float | None) -> bool:
-        """Wait until cond(); drive the engine from this thread when no background loop runs."""
+    def _wait(self, cond, timeout: float | None, block=None) -> bool:
+        """Wait until cond(); drive the engine from this thread when no background loop runs. `block(seconds)`
+        is what to sleep on while the loop runs (default: the next release)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not cond():
             if deadline is not None and time.monotonic() >= deadline:
@@ -90,17 +93,20 @@ class Request:
             if self._engine.running:  # block in C until the engine releases tokens or finishes (a Condition's
                 # wait cost ~75 us of Python per token with 64 streaming threads); a second waiter polls
                 left = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
-                try:
-                    self._events.get(timeout=left)
-                except queue.Empty:
-                    pass
+                (block or self._next_release)(left)
             else:
                 self._engine.step()
         return True
 
+    def _next_release(self, seconds: float) -> None:
+        try:
+            self._events.get(timeout=seconds)
+        except queue.Empty:
+            pass
+
     def result(self, timeout: float | None = None) -> Request:
         """Block until finished (TimeoutError after `timeout` seconds) and return self."""
-        if not self._wait(lambda: self.finished, timeout):
+        if not self._wait(lambda: self.finished, timeout, self._done.wait):
             raise TimeoutError(f"{self.id} not finished after {timeout} s")
         return self
 
@@ -180,8 +186,10 @@ class Engine:
     # --------------------------------------------------------------------------------------------------
     # public API
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Request:
-        """Queue a request and return it at once (thread-safe)."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None, listener=None) -> Request:
+        """Queue a request and return it at once (thread-safe). `listener(request)`, if given, is called on the
+        engine thread after each release of tokens and at the finish: it must only hand off (e.g. put to a
+        queue), so that one thread can serve many streams (the server's SSE writer)."""
         params = params or SamplingParams()
         params.validate()
         prompt_ids = [int(t) for t in prompt_ids]
@@ -194,7 +202,7 @@ class Engine:
         if len(prompt_ids) >= self.max_seq_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit: this engine's max_seq_len is "
                              f"{self.max_seq_len} (raise max_seq_len or kv_cache_bytes)")
-        req = Request(self, prompt_ids, params)
+        req = Request(self, prompt_ids, params, listener)
         with self._lock:
             self._inbox.append(req)
         self._wake.set()
@@ -460,7 +468,10 @@ class Engine:
         req._pending = []
         req.finish_reason = reason
         req.finished = True
+        req._done.set()
         req._events.put(None)
+        if req._listener is not None:
+            req._listener(req)
 
     # --------------------------------------------------------------------------------------------------
     # sampling and budgets
@@ -539,4 +550,6 @@ class Engine:
             req.output_ids.extend(req._pending[:n])
             req._pending = req._pending[n:]
             req._events.put(None)
+            if req._listener is not None:
+                req._listener(req)
         return False

@@ -6,14 +6,17 @@ batches every request (continuous batching). A request's path:
     JSON body -> validate (4xx OpenAI error objects for bad input) -> chat.render_ids (K2 template)
     -> engine.submit per choice -> token ids -> chat.StreamParser -> OpenAI message / SSE chunk deltas
 
+A connection's thread reads the request and answers it, except for the body of an event stream: that is
+written by one SSE writer thread for all streams (the engine tells it which requests have new tokens), so
+the cost per token does not grow with the number of threads waiting on the engine.
+
 Reasoning goes out as both `reasoning_content` (Moonshot, older vLLM) and `reasoning` (newer vLLM), and
 comes back in either field on assistant messages. Tool calls stream as OpenAI deltas: the first delta of a
 call carries index/id/name, then argument fragments. A client that goes away (socket EOF, seen by one poll
 thread, or a failed write) cancels its engine requests, which frees their batch slots at the next step.
 
-`--script FILE` is a TESTING AID: it replaces the model by a replay of given K2-format completions, token
-by token through the real tokenizer, parser and SSE code, so the tool-call and reasoning protocol paths can
-be exercised end to end without a trained model. It proves the protocol, never a model capability.
+`--script FILE` is a TESTING AID (moonlet.scripted): it replaces the model by a replay of given K2-format
+completions, so the protocol paths run end to end without a trained model. It proves no model capability.
 """
 
 from __future__ import annotations
@@ -23,94 +26,23 @@ import hmac
 import json
 import mimetypes
 import os
+import queue
 import select
 import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from moonlet.openai_api import APIError, Choice, build_prompt, openai_delta, usage_of, validate
+from moonlet.scripted import ScriptedEngine
 
 WEB_DIR = Path(__file__).parent / "web"
 MAX_BODY = 64 << 20
-# ------------------------------------------------------------------------------------ scripted engine
-
-class ScriptedRequest:
-    def __init__(self, ids: list[int], prompt_ids: list[int], params, stop_ids: set[int], think_end: int,
-                 delay: float):
-        self.id = uuid.uuid4().hex
-        self.prompt_ids, self.output_ids = prompt_ids, []
-        self._ids, self._params, self._stop, self._think_end, self._delay = ids, params, stop_ids, think_end, delay
-        self.finished, self.finish_reason, self._cancelled = False, None, threading.Event()
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    def __iter__(self):
-        for t in self._ids:
-            if self._cancelled.wait(self._delay) if self._delay else self._cancelled.is_set():
-                self.finish_reason = "cancelled"
-                break
-            if len(self.output_ids) >= self._params.max_tokens:
-                self.finish_reason = "length"
-                break
-            self.output_ids.append(t)
-            yield t
-            if t in self._stop:
-                self.finish_reason = "stop"
-                break
-        self.finish_reason = self.finish_reason or "stop"
-        self.finished = True
-
-    def result(self, timeout: float | None = None) -> ScriptedRequest:
-        for _ in self:
-            pass
-        return self
-
-    @property
-    def usage(self) -> dict:
-        out = self.output_ids
-        reasoning = out.index(self._think_end) if self._think_end in out else len(out)
-        return {"prompt_tokens": len(self.prompt_ids), "cached_tokens": 0, "completion_tokens": len(out),
-                "reasoning_tokens": reasoning}
-
-
-class ScriptedEngine:
-    """TESTING AID (`moonlet serve --script FILE`): replays K2-format completions instead of running a model.
-
-    FILE is a JSON list of {"when": "text", "completion": "<think>...</think>answer<|im_end|>"}; a request
-    gets the first entry whose `when` occurs in the conversation's last message (no `when` matches all).
-    The completion is encoded with the real tokenizer (special-token text becomes special ids) and streamed
-    one token every `delay` seconds, honouring max_tokens, stop tokens and cancellation."""
-
-    def __init__(self, tokenizer, script: list[dict], delay: float = 0.0):
-        if not isinstance(script, list) or not all(isinstance(e, dict) and isinstance(e.get("completion"), str)
-                                                   for e in script):
-            raise ValueError("--script: expected a JSON list of {'when': str, 'completion': str} objects")
-        self.tokenizer, self.script, self.delay = tokenizer, script, delay
-
-    def submit(self, prompt_ids: list[int], params) -> ScriptedRequest:
-        tok = self.tokenizer
-        text = tok.decode(prompt_ids)
-        last = text.rsplit("<|im_end|>", 1)[0].rsplit("<|im_middle|>", 1)[-1]
-        entry = next((e for e in self.script if e.get("when", "") in last), None)
-        if entry is None:
-            raise RuntimeError(f"--script: no entry matches the last message {last[:80]!r}")
-        ids = tok.encode(entry["completion"], allow_special=True)
-        stop = set(params.stop_token_ids) | set(tok.stop_ids)
-        return ScriptedRequest(ids, list(prompt_ids), params, stop, tok.think_end_id, self.delay)
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-
 # ------------------------------------------------------------------------------------------------ metrics
 
 class Metrics:
@@ -218,7 +150,9 @@ class Server(ThreadingHTTPServer):
         self.max_model_len, self.api_key, self.default_max_tokens = max_model_len, api_key, default_max_tokens
         self.metrics, self.watcher, self.created = Metrics(), DisconnectWatcher(), int(time.time())
         self.metrics.engine_busy = getattr(engine, "has_work", None)
+        self.writer = SSEWriter(self.metrics)
         self.watcher.start()
+        self.writer.start()
 
     def handle_error(self, request, client_address) -> None:
         """A client that hangs up (a reset keep-alive connection, a broken pipe mid-stream) is routine, not a
@@ -254,12 +188,6 @@ class Handler(BaseHTTPRequestHandler):
         self.server.metrics.inc(f'requests_total{{status="{e.status}"}}')
         extra = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
         self._send(e.status, json.dumps(e.body()).encode(), extra=extra)
-
-    def _chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-
-    def _sse(self, obj: dict | str) -> None:
-        self._chunk(b"data: " + (obj.encode() if isinstance(obj, str) else json.dumps(obj).encode()) + b"\n\n")
 
     def _auth(self) -> None:
         key = self.server.api_key
@@ -325,23 +253,29 @@ class Handler(BaseHTTPRequestHandler):
         self._complete(req, prompt, prefix, t0)
 
     # --- generation ------------------------------------------------------------------------------
-    def _submit(self, req: dict, prompt: list[int], prefix: list[int]) -> list[Choice]:
+    def _submit(self, req: dict, prompt: list[int], prefix: list[int], listener) -> list[Choice]:
         from moonlet.engine import SamplingParams
 
-        choices = []
-        for i in range(req["n"]):
-            seed = None if req["seed"] is None else req["seed"] + i
-            params = SamplingParams(temperature=req["temperature"], top_p=req["top_p"], top_k=req["top_k"],
-                                    seed=seed, max_tokens=req["max_tokens"], stop=req["stop"],
-                                    max_thinking_tokens=None if prefix else req["max_thinking_tokens"])
-            choices.append(Choice(i, self.server.engine.submit(prompt, params), self.server.tokenizer, prefix,
-                                  req["parallel_tool_calls"]))
+        choices: list[Choice] = []
+        try:
+            for i in range(req["n"]):
+                seed = None if req["seed"] is None else req["seed"] + i
+                params = SamplingParams(temperature=req["temperature"], top_p=req["top_p"], top_k=req["top_k"],
+                                        seed=seed, max_tokens=req["max_tokens"], stop=req["stop"],
+                                        max_thinking_tokens=None if prefix else req["max_thinking_tokens"])
+                choices.append(Choice(i, self.server.engine.submit(prompt, params, listener), self.server.tokenizer,
+                                      prefix, req["parallel_tool_calls"]))
+        except BaseException:
+            for c in choices:
+                c.request.cancel()
+            raise
         return choices
 
     def _complete(self, req: dict, prompt: list[int], prefix: list[int], t0: float) -> None:
         s, m = self.server, self.server.metrics
+        stream = Stream(s.writer, self.connection, req["include_usage"], t0) if req["stream"] else None
         try:
-            choices = self._submit(req, prompt, prefix)
+            choices = self._submit(req, prompt, prefix, stream and stream.listener)
         except (ValueError, RuntimeError) as e:  # the engine refused it (e.g. a script without a match)
             return self._error(APIError(400, f"the engine refused the request: {e}", None, "engine_refused"))
         cancel = lambda: [c.request.cancel() for c in choices]
@@ -350,8 +284,9 @@ class Handler(BaseHTTPRequestHandler):
         s.watcher.watch(self.connection, cancel)
         status = "200"
         try:
-            if req["stream"]:
-                self._stream(req, choices, t0)
+            if stream is not None:
+                stream.choices = choices
+                self._stream(stream)
             else:
                 self._wait(req, choices, t0)
         except (BrokenPipeError, ConnectionResetError, TimeoutError, OSError):
@@ -388,12 +323,12 @@ class Handler(BaseHTTPRequestHandler):
                 "system_fingerprint": "moonlet"}
 
     def _wait(self, req: dict, choices: list[Choice], t0: float) -> None:
-        first = True
+        choices[0].request.result()
+        if getattr(choices[0].request, "ttft", None) is not None:
+            self.server.metrics.observe("time_to_first_token", choices[0].request.ttft)
         for c in choices:
-            for tok in c.request:
-                if first:
-                    self.server.metrics.observe("time_to_first_token", time.monotonic() - t0)
-                    first = False
+            c.request.result()
+            for tok in c.request.output_ids:
                 c.feed(tok)
             c.finish()
         if any(c.request.finish_reason == "error" for c in choices):
@@ -407,72 +342,163 @@ class Handler(BaseHTTPRequestHandler):
         out["usage"] = usage_of([c.request for c in choices])
         self._json(200, out)
 
-    def _stream(self, req: dict, choices: list[Choice], t0: float) -> None:
-        import queue
-
+    def _stream(self, stream: Stream) -> None:
+        """Send the head of the event stream from this thread, then hand the socket to the SSE writer and sleep
+        until it has written the end (or found the client gone)."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        head = self._header("chat.completion.chunk", "chatcmpl-" + uuid.uuid4().hex)
-
-        def send(index: int, delta: dict, finish: str | None = None) -> None:
-            self._sse(head | {"choices": [{"index": index, "delta": delta, "logprobs": None,
-                                           "finish_reason": finish}]})
-
-        for c in choices:
-            send(c.index, {"role": "assistant", "content": ""})
+        stream.head = self._header("chat.completion.chunk", "chatcmpl-" + uuid.uuid4().hex)
+        for c in stream.choices:
+            stream.send(c.index, {"role": "assistant", "content": ""})
             for d in c.pending:
-                send(c.index, openai_delta(d))
-        self.wfile.flush()
-        # every choice's tokens arrive through one queue, so n > 1 streams interleave as they are generated
-        q: queue.Queue = queue.Queue()
+                stream.send(c.index, openai_delta(d))
+        self.server.writer.hand_over(stream)
+        stream.done.wait()
+        self.connection.settimeout(self.timeout)
+        if stream.gone is not None:
+            raise stream.gone
 
-        def pump(c: Choice) -> None:
-            try:
-                for tok in c.request:
-                    q.put((c, tok))
-            finally:
-                q.put((c, None))
 
-        if len(choices) == 1:
-            items = self._single(choices[0])
-        else:
-            for c in choices:
-                threading.Thread(target=pump, args=(c,), daemon=True).start()
-            items = iter(q.get, None)
-        live, first = len(choices), True
-        for c, tok in items:
-            if tok is None:
-                live -= 1
-                for d in c.finish():
-                    send(c.index, openai_delta(d))
-                send(c.index, {}, c.finish_reason())
-                self.wfile.flush()
-                if live == 0:
-                    break
+# ------------------------------------------------------------------------------------------- SSE writer
+
+class Stream:
+    """One streamed response: its choices, the bytes not yet sent, and where each choice's tokens were read."""
+
+    def __init__(self, writer: SSEWriter, sock: socket.socket, include_usage: bool, t0: float):
+        self.writer, self.sock, self.include_usage, self.t0 = writer, sock, include_usage, t0
+        self.choices: list[Choice] = []
+        self.head: dict = {}
+        self._head_json: str | None = None
+        self.out = bytearray()
+        self.done, self.gone = threading.Event(), None  # gone: the OSError that ended a write
+        self.started, self.ending, self.first = False, False, True
+        self._read: dict[int, int] = {}  # choice index -> tokens of its request already parsed
+        self._live: set[int] = set()
+        self.last_progress = time.monotonic()
+
+    def listener(self, request) -> None:  # on the engine thread: only say there is news
+        self.writer.news.put(self)
+
+    def sse(self, obj: dict | str) -> None:
+        data = b"data: " + (obj.encode() if isinstance(obj, str) else json.dumps(obj).encode()) + b"\n\n"
+        self.out += b"%x\r\n%s\r\n" % (len(data), data)
+
+    def send(self, index: int, delta: dict, finish: str | None = None) -> None:
+        """The chunk json.dumps(head | {"choices": [{index, delta, logprobs, finish_reason}]}) writes, with the
+        head's JSON built once per stream (it was a third of the writer's time per token)."""
+        if self._head_json is None:
+            self._head_json = json.dumps(self.head)[:-1] + ', "choices": [{"index": '
+        data = (f'data: {self._head_json}{index}, "delta": {json.dumps(delta)}, "logprobs": null, '
+                f'"finish_reason": {json.dumps(finish)}}}]}}\n\n').encode()
+        self.out += b"%x\r\n%s\r\n" % (len(data), data)
+
+    def advance(self, metrics: Metrics) -> None:
+        """Parse every choice's new tokens into SSE chunks; after the last choice ends, the stream's tail."""
+        if self.ending:
+            return
+        for c in self.choices:
+            if c.index not in self._live:
                 continue
-            if first:
-                self.server.metrics.observe("time_to_first_token", time.monotonic() - t0)
-                first = False
-            for d in c.feed(tok):
-                send(c.index, openai_delta(d))
-            self.wfile.flush()
-        if any(c.request.finish_reason == "error" for c in choices):
-            self._sse(head | {"choices": [], "error": {"message": "the engine failed while generating",
-                                                       "type": "server_error", "code": "engine_error"}})
-        if req["include_usage"]:
-            self._sse(head | {"choices": [], "usage": usage_of([c.request for c in choices])})
-        self._sse("[DONE]")
-        self._chunk(b"")
-        self.wfile.flush()
+            r = c.request
+            finished = r.finished  # read before the tokens: a finished request has all of them
+            new = r.output_ids[self._read[c.index]:]
+            self._read[c.index] += len(new)
+            if new and self.first:
+                metrics.observe("time_to_first_token", time.monotonic() - self.t0)
+                self.first = False
+            for tok in new:
+                for d in c.feed(tok):
+                    self.send(c.index, openai_delta(d))
+            if finished:
+                self._live.discard(c.index)
+                for d in c.finish():
+                    self.send(c.index, openai_delta(d))
+                self.send(c.index, {}, c.finish_reason())
+        if self._live:
+            return
+        requests = [c.request for c in self.choices]
+        if any(r.finish_reason == "error" for r in requests):
+            self.sse(self.head | {"choices": [], "error": {"message": "the engine failed while generating",
+                                                           "type": "server_error", "code": "engine_error"}})
+        if self.include_usage:
+            self.sse(self.head | {"choices": [], "usage": usage_of(requests)})
+        self.sse("[DONE]")
+        self.out += b"0\r\n\r\n"
+        self.ending = True
 
-    @staticmethod
-    def _single(c: Choice):
-        for tok in c.request:
-            yield c, tok
-        yield c, None
+    def flush(self) -> bool:
+        """Write what the socket takes without blocking; True once the stream is over (sent, or client gone)."""
+        try:
+            while self.out:
+                n = self.sock.send(self.out)
+                del self.out[:n]
+                self.last_progress = time.monotonic()
+        except BlockingIOError:
+            if time.monotonic() - self.last_progress > Handler.timeout:
+                return self.end(TimeoutError(f"client read nothing for {Handler.timeout} s"))
+            return False
+        except OSError as e:
+            return self.end(e)
+        return self.end() if self.ending else False
+
+    def end(self, gone: OSError | None = None) -> bool:
+        self.gone = gone
+        if gone is not None:
+            for c in self.choices:
+                c.request.cancel()
+        self.done.set()
+        return True
+
+
+class SSEWriter(threading.Thread):
+    """One thread writes every streamed response. The engine's listener only queues the stream that has news;
+    this thread parses the new tokens of all queued streams and gives each socket its chunks in one
+    non-blocking send. So 64 streams cost one wake-up per engine step, instead of 64 handler threads each
+    waking and trading the GIL with the engine loop once per token (measured: the server then used 2-3x the
+    engine's CPU time). A socket that is full keeps its bytes here and is retried every 20 ms."""
+
+    def __init__(self, metrics: Metrics):
+        super().__init__(daemon=True, name="moonlet-sse")
+        self.metrics, self.news = metrics, queue.SimpleQueue()
+        self.blocked: set[Stream] = set()
+
+    def hand_over(self, stream: Stream) -> None:
+        stream.sock.setblocking(False)
+        stream._read = {c.index: 0 for c in stream.choices}
+        stream._live = set(stream._read)
+        stream.started = True
+        self.news.put(stream)
+
+    def run(self) -> None:
+        while True:
+            try:
+                ready = {self.news.get(timeout=0.02 if self.blocked else None)}
+            except queue.Empty:
+                ready = set()
+            while True:  # everything that happened since: one engine step releases tokens to many streams
+                try:
+                    ready.add(self.news.get_nowait())
+                except queue.Empty:
+                    break
+            ready = {s for s in ready if s.started}  # news before hand_over: its thread still writes the head
+            for s in ready:
+                if not s.done.is_set():
+                    try:
+                        s.advance(self.metrics)
+                    except Exception as e:  # a bug in one stream must not stop the others
+                        traceback.print_exc()
+                        s.out.clear()
+                        s.end(OSError(f"stream failed: {e}"))
+            for s in ready | self.blocked:
+                if s.done.is_set() or s.flush():
+                    self.blocked.discard(s)
+                elif s.out:
+                    self.blocked.add(s)
+                else:
+                    self.blocked.discard(s)
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -359,6 +359,22 @@ def test_threads_submit_and_stream_concurrently_and_cancel_frees_the_slot(tiny):
     assert eng._n_dec == 0 and not eng._prefilling
 
 
+def test_a_listener_is_told_of_each_release_and_the_finish_on_the_engine_thread(tiny):
+    """What the server's single SSE writer relies on: no waiting thread per request."""
+    eng = Engine(tiny, max_batch_size=2, max_seq_len=64).start()
+    heard = []
+    try:
+        req = eng.submit([5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                         listener=lambda r: heard.append((threading.current_thread().name, len(r.output_ids),
+                                                          r.finished)))
+        req.result(timeout=60)
+    finally:
+        eng.stop()
+    assert {name for name, _, _ in heard} == {"moonlet-engine"}
+    assert [(n, done) for _, n, done in heard] == [(1, False), (2, False), (3, False), (4, False), (5, False),
+                                                    (6, False), (6, True)]
+
+
 LOOP_THREADS_SCRIPT = """
 import torch, moonlet
 from moonlet.engine import Engine, SamplingParams

@@ -199,6 +199,65 @@ def test_concurrent_streaming_clients_all_finish(real):
     assert not errors and len(results) == 16 and all(0 < n <= 6 for n in results)
 
 
+def sse_events(raw: bytes) -> list:
+    """The data events of a chunked text/event-stream body: parsed JSON objects, then "[DONE]"."""
+    body = re.sub(rb"\r\n[0-9a-f]+\r\n", b"", b"\r\n" + raw)
+    return [e if e == "[DONE]" else json.loads(e) for e in
+            (line[6:].decode() for line in body.split(b"\n") if line.startswith(b"data: "))]
+
+
+def test_a_client_that_stops_reading_its_stream_does_not_hold_up_the_others():
+    """One thread writes every event stream, never blocking on a socket: a client that reads nothing (its
+    socket buffer full) keeps its unsent bytes in the server while another stream runs to its end, and it
+    gets all of them, in order, when it reads again. In process, over socket pairs with small buffers, with
+    the scripted engine producing the tokens."""
+    from moonlet.chat import render_ids
+    from moonlet.engine import SamplingParams
+    from moonlet.openai_api import Choice
+    from moonlet.scripted import ScriptedEngine
+    from moonlet.server import Metrics, SSEWriter, Stream
+
+    tok = load_tokenizer("tiny")
+    words = "word " * 2000
+    engine = ScriptedEngine(tok, [{"completion": f"<think>{words}</think>done<|im_end|>"}])
+    writer = SSEWriter(Metrics())
+    writer.start()
+    prompt = render_ids(user("hi"), tok, add_generation_prompt=True)[0]
+
+    def open_stream(max_tokens: int) -> tuple[Stream, socket.socket]:
+        server_end, client_end = socket.socketpair()
+        server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        stream = Stream(writer, server_end, include_usage=True, t0=time.monotonic())
+        stream.head = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0, "model": "tiny"}
+        request = engine.submit(prompt, SamplingParams(max_tokens=max_tokens), stream.listener)
+        stream.choices = [Choice(0, request, tok, [], True)]
+        writer.hand_over(stream)
+        return stream, client_end
+
+    def read_all(client: socket.socket) -> list:
+        client.settimeout(10)
+        raw = b""
+        while not raw.endswith(b"0\r\n\r\n"):
+            raw += client.recv(1 << 16)
+        return sse_events(raw)
+
+    stalled, stalled_client = open_stream(4000)
+    deadline = time.monotonic() + 10
+    while not (stalled.choices[0].request.finished and len(stalled.out) > 100_000) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(stalled.out) > 100_000 and not stalled.done.is_set()  # its bytes wait in the server
+    other, other_client = open_stream(8)
+    assert other.done.wait(10) and other.gone is None  # the other stream ran to its end meanwhile
+    assert read_all(other_client)[-1] == "[DONE]"
+    events = read_all(stalled_client)
+    assert stalled.done.wait(10) and stalled.gone is None
+    deltas = [e["choices"][0]["delta"] for e in events[:-1] if e["choices"]]
+    assert "".join(d.get("reasoning_content", "") for d in deltas).strip() == words.strip()
+    assert "".join(d.get("content") or "" for d in deltas) == "done"
+    assert events[-2]["usage"]["completion_tokens"] == stalled.choices[0].request.usage["completion_tokens"]
+    assert events[-1] == "[DONE]"
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_cancels_the_engine_request(servers, stream):
     base = servers["real"]

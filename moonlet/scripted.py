@@ -1,0 +1,102 @@
+"""`moonlet serve --script FILE`, a TESTING AID: a stand-in for the Engine that replays given K2-format
+completions token by token through the real tokenizer, parser and SSE code, so that the server's tool-call
+and reasoning protocol paths run end to end without a trained model. It proves the protocol, never a model
+capability."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+
+class ScriptedRequest:
+    """The surface of engine.Request the server uses. Its tokens come from a thread of its own, one every
+    `delay` seconds, the way the engine's come from the engine thread: output_ids grows, `listener` is told."""
+
+    def __init__(self, ids: list[int], prompt_ids: list[int], params, stop_ids: set[int], think_end: int,
+                 delay: float, listener=None):
+        self.id = uuid.uuid4().hex
+        self.prompt_ids, self.output_ids = prompt_ids, []
+        self.finished, self.finish_reason, self.ttft = False, None, None  # ttft: seconds to the first token
+        self._t0 = time.perf_counter()
+        self._ids, self._params, self._stop, self._think_end, self._delay = ids, params, stop_ids, think_end, delay
+        self._listener, self._cancelled, self._changed = listener, threading.Event(), threading.Condition()
+        threading.Thread(target=self._produce, daemon=True, name=f"scripted-{self.id[:8]}").start()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def _produce(self) -> None:
+        reason = None
+        for t in self._ids:
+            if self._cancelled.wait(self._delay) if self._delay else self._cancelled.is_set():
+                reason = "cancelled"
+                break
+            if len(self.output_ids) >= self._params.max_tokens:
+                reason = "length"
+                break
+            if self.ttft is None:
+                self.ttft = time.perf_counter() - self._t0
+            self._publish(lambda t=t: self.output_ids.append(t))
+            if t in self._stop:
+                reason = "stop"
+                break
+
+        def finish() -> None:
+            self.finish_reason = reason or "stop"
+            self.finished = True
+
+        self._publish(finish)
+
+    def _publish(self, change) -> None:
+        with self._changed:
+            change()
+            self._changed.notify_all()
+        if self._listener is not None:
+            self._listener(self)
+
+    def result(self, timeout: float | None = None) -> ScriptedRequest:
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.finished, timeout):
+                raise TimeoutError(f"{self.id} not finished after {timeout} s")
+        return self
+
+    @property
+    def usage(self) -> dict:
+        out = self.output_ids
+        reasoning = out.index(self._think_end) if self._think_end in out else len(out)
+        return {"prompt_tokens": len(self.prompt_ids), "cached_tokens": 0, "completion_tokens": len(out),
+                "reasoning_tokens": reasoning}
+
+
+class ScriptedEngine:
+    """TESTING AID (`moonlet serve --script FILE`): replays K2-format completions instead of running a model.
+
+    FILE is a JSON list of {"when": "text", "completion": "<think>...</think>answer<|im_end|>"}; a request
+    gets the first entry whose `when` occurs in the conversation's last message (no `when` matches all).
+    The completion is encoded with the real tokenizer (special-token text becomes special ids) and streamed
+    one token every `delay` seconds, honouring max_tokens, stop tokens and cancellation."""
+
+    def __init__(self, tokenizer, script: list[dict], delay: float = 0.0):
+        if not isinstance(script, list) or not all(isinstance(e, dict) and isinstance(e.get("completion"), str)
+                                                   for e in script):
+            raise ValueError("--script: expected a JSON list of {'when': str, 'completion': str} objects")
+        self.tokenizer, self.script, self.delay = tokenizer, script, delay
+
+    def submit(self, prompt_ids: list[int], params, listener=None) -> ScriptedRequest:
+        tok = self.tokenizer
+        text = tok.decode(prompt_ids)
+        last = text.rsplit("<|im_end|>", 1)[0].rsplit("<|im_middle|>", 1)[-1]
+        entry = next((e for e in self.script if e.get("when", "") in last), None)
+        if entry is None:
+            raise RuntimeError(f"--script: no entry matches the last message {last[:80]!r}")
+        ids = tok.encode(entry["completion"], allow_special=True)
+        stop = set(params.stop_token_ids) | set(tok.stop_ids)
+        return ScriptedRequest(ids, list(prompt_ids), params, stop, tok.think_end_id, self.delay, listener)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
