@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 import time
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -104,7 +105,12 @@ def pack(q: torch.Tensor) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [..., n/8] -> int8 [..., n] in [-8, 7] (inverse of `pack`)."""
+    """int32 [..., n/8] -> int8 [..., n] in [-8, 7] (inverse of `pack`). On a little-endian machine byte b of a
+    word holds columns 2b (low nibble) and 2b+1 (high), so the words are read as bytes: byte ops instead of
+    int64 shifts, 3-5x faster (a 1408 x 2048 expert on one CPU thread: ~13 -> ~3 ms)."""
+    if sys.byteorder == "little":
+        b = packed.contiguous().view(torch.uint8).view(torch.int8)
+        return torch.stack([(b & 0xF) - 8, (b >> 4 & 0xF) - 8], -1).flatten(-2)
     nibbles = (packed.to(torch.int64).unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 0xF
     return (nibbles - 8).to(torch.int8).flatten(-2)
 
@@ -191,6 +197,26 @@ class Int4Experts(Experts):
             self.register_buffer(f"{proj}_packed", torch.empty(E, out, inp // 8, dtype=torch.int32))
             self.register_buffer(f"{proj}_scale", torch.empty(E, out, inp // group_size, dtype=scale_dtype))
 
+    def _cpu_int4pack(self, proj: str, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's weight in the layout of torch's CPU int4 kernel, converted at its first use and kept
+        (another 0.5 byte per weight of the experts used). A kept copy is dropped when the buffers it came
+        from were replaced or written in place (a load, .to())."""
+        packed, scale = getattr(self, f"{proj}_packed"), getattr(self, f"{proj}_scale")
+        cache = self.__dict__.setdefault("_cpu_copies", {})
+        kept = cache.get(proj)
+        if kept is None or kept[0]() is not packed or kept[1]() is not scale or \
+                kept[2] != (packed._version, scale._version):
+            kept = cache[proj] = (weakref.ref(packed), weakref.ref(scale), (packed._version, scale._version), {})
+        if e not in kept[3]:
+            from moonlet.kernels.w4a16 import cpu_int4pack
+
+            kept[3][e] = cpu_int4pack(packed[e], scale[e])
+        return kept[3][e]
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_cpu_copies", None)  # .to() / .cuda() / .half(): the copies belong to the old buffers
+        return super()._apply(fn, recurse)
+
     def unpacked_shape(self, proj: str) -> list[int]:
         """[out, in] of one expert's weight, as compressed-tensors' `weight_shape`."""
         return list(self._shapes[proj])
@@ -215,9 +241,11 @@ class Int4Experts(Experts):
         return dequantize(unpack(getattr(self, f"{proj}_packed")), getattr(self, f"{proj}_scale"), dtype)
 
     def grouped_swiglu(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        from moonlet.kernels.w4a16 import w4a16_grouped_swiglu
+        from moonlet.kernels import w4a16
 
-        return w4a16_grouped_swiglu(xs, counts, self.gate_proj_packed, self.gate_proj_scale, self.up_proj_packed,
+        if w4a16.use_cpu_int4pack(xs, [s[0] for s in self._shapes.values()], self.group_size):
+            return w4a16.cpu_int4pack_swiglu(xs, counts, self._cpu_int4pack, self.group_size)
+        return w4a16.w4a16_grouped_swiglu(xs, counts, self.gate_proj_packed, self.gate_proj_scale, self.up_proj_packed,
                                     self.up_proj_scale, self.down_proj_packed, self.down_proj_scale)
 
 

@@ -77,17 +77,73 @@ def test_block_table_gives_each_row_to_exactly_one_program_of_its_expert(counts,
     assert torch.equal(owner, torch.repeat_interleave(torch.arange(len(counts)), counts))
 
 
-def test_int4_model_forward_equals_dense_model_on_dequantized_weights():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_model_forward_equals_dense_model_on_dequantized_weights(dtype):
+    """fp32: the fallback, bit for bit. bf16 on the CPU: torch's int4 kernel, equal up to bf16 rounding (it
+    sums in another order than the dense matmul)."""
     from moonlet.checkpoint import build
     from moonlet.config import ModelConfig
 
-    model = build(ModelConfig.from_preset("tiny"), dtype=torch.bfloat16)
+    model = build(ModelConfig.from_preset("tiny"), dtype=dtype)
     model.init_weights(seed=0)
     ids = torch.randint(0, 32000, (2, 9), generator=torch.Generator().manual_seed(0))
     quant.enable_qat(model)  # the dense forward on fake-quant (= dequantized) weights
     with torch.no_grad():
         ref = model(ids)
-        assert torch.equal(quant.quantize_model(model)(ids), ref)
+        out = quant.quantize_model(model)(ids)
+    if dtype == torch.float32:
+        assert torch.equal(out, ref)
+    else:
+        assert "_cpu_copies" in model.layers[1].mlp.experts.__dict__  # the int4 kernel ran
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------------------------------------------
+# CPU: torch's int4 kernel (bf16 activations)
+
+
+@pytest.mark.parametrize("out_dim,in_dim,group", [(96, 128, 32), (128, 96, 32), (64, 256, 64), (16, 128, 128)])
+def test_cpu_int4_layout_holds_exactly_the_dequantized_weight(out_dim, in_dim, group):
+    """The identity times the converted weight reads it back: each output is one product q * scale, rounded
+    once to bf16, the same rounding as dequantize(..., bf16)."""
+    q, s = quant.quantize(torch.randn(out_dim, in_dim, generator=torch.Generator().manual_seed(3)), group_size=group)
+    w, sz = w4a16.cpu_int4pack(quant.pack(q), s)
+    eye = torch.eye(in_dim, dtype=torch.bfloat16)
+    read = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, w, group, sz)
+    assert torch.equal(read.t(), quant.dequantize(q, s, torch.bfloat16))
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1, 0, 2], [0, 0, 0, 0, 0, 4], [0] * 6])
+def test_cpu_int4_kernel_swiglu_matches_the_dense_bf16_reference(counts):
+    experts = packed_experts()
+    counts = torch.tensor(counts)
+    xs = torch.randn(int(counts.sum()), 128, generator=torch.Generator().manual_seed(1)).bfloat16()
+    assert w4a16.use_cpu_int4pack(xs, [96, 128], 32)
+    copies = {p: [w4a16.cpu_int4pack(experts[p][0][e], experts[p][1][e]) for e in range(6)] for p in quant.PROJS}
+    out = w4a16.cpu_int4pack_swiglu(xs, counts, lambda p, e: copies[p][e], 32)
+    ref = dense_reference(xs, counts, experts, torch.bfloat16)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_int4_experts_drop_their_cpu_copies_when_the_weights_change():
+    from moonlet.config import ModelConfig
+
+    cfg = ModelConfig.from_preset("tiny")
+    experts = [quant.Int4Experts(cfg) for _ in range(2)]
+    for seed, ex in enumerate(experts):
+        for proj, (pk, s) in packed_experts(E=cfg.n_routed_experts, D=cfg.hidden_size, I=cfg.moe_intermediate_size,
+                                            seed=seed).items():
+            getattr(ex, f"{proj}_packed").copy_(pk)
+            getattr(ex, f"{proj}_scale").copy_(s)
+    xs = torch.randn(4, cfg.hidden_size).bfloat16()
+    counts = torch.tensor([1, 0, 2, 1] + [0] * (cfg.n_routed_experts - 4))
+    first, second = (ex.grouped_swiglu(xs, counts) for ex in experts)
+    assert not torch.equal(first, second)
+    experts[0].load_state_dict(experts[1].state_dict())  # written in place: the kept copies are stale
+    assert torch.equal(experts[0].grouped_swiglu(xs, counts), second)
+    experts[0].to(torch.float32)
+    assert "_cpu_copies" not in experts[0].__dict__
 
 
 # ------------------------------------------------------------------------------------------------------
