@@ -170,14 +170,20 @@ def test_requests_joining_mid_generation_get_the_same_tokens(tiny):
     assert rb.output_ids == full_forward_greedy(tiny, b, 5)
 
 
-@pytest.mark.parametrize("experts,rows", [(8, 1), (16, 3), (16, 40)])  # all experts / gathered / sorted
-def test_moe_decode_equals_the_moe_forward_on_every_cpu_path(experts, rows):
+# all experts / gathered / sorted (many rows) / sorted (experts too big to copy)
+@pytest.mark.parametrize("experts,rows,width,sorted_path", [(8, 1, 32, False), (16, 3, 32, False),
+                                                             (16, 40, 32, True), (16, 2, 4096, True)])
+def test_moe_decode_equals_the_moe_forward_on_every_cpu_path(experts, rows, width, sorted_path, monkeypatch):
     import dataclasses
 
     from moonlet.kvcache import moe_decode
-    from moonlet.model import MoE
+    from moonlet.model import Experts, MoE
 
-    cfg = dataclasses.replace(moonlet.ModelConfig.from_preset("tiny"), n_routed_experts=experts)
+    calls = []
+    forward = Experts.forward
+    monkeypatch.setattr(Experts, "forward", lambda self, *a, **kw: calls.append(1) or forward(self, *a, **kw))
+    cfg = dataclasses.replace(moonlet.ModelConfig.from_preset("tiny"), n_routed_experts=experts,
+                              moe_intermediate_size=width)
     torch.manual_seed(0)
     moe = MoE(cfg)
     for p in moe.parameters():
@@ -185,7 +191,9 @@ def test_moe_decode_equals_the_moe_forward_on_every_cpu_path(experts, rows):
     moe.gate.e_score_correction_bias.normal_(0, 0.3)
     x = torch.randn(rows, cfg.hidden_size)
     with torch.no_grad():
-        torch.testing.assert_close(moe_decode(moe, x), moe(x), rtol=1e-5, atol=1e-5)
+        out = moe_decode(moe, x)
+        assert bool(calls) == sorted_path
+        torch.testing.assert_close(out, moe(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
