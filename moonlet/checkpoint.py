@@ -270,54 +270,84 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " "))
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], file: Path, metadata: dict) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, file)
+class ShardWriter:
+    """Tensors in, safetensors shards out, each written as soon as it is full: memory holds one shard, not the
+    checkpoint. Shards keep temporary names until `close` renames them and writes config.json and the index
+    last, so a crash never leaves a checkpoint that looks whole."""
+
+    _OURS = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+
+    def __init__(self, directory: str | Path, max_shard_size: int | str = "5GB"):
+        self.out = Path(directory)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.limit = _parse_size(max_shard_size)
+        self.shard: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.parts: list[tuple[Path, list[str]]] = []
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.size and self.size + nbytes > self.limit:
+            self._flush()
+        self.shard[name] = t.detach().to("cpu").clone()  # clone: views of one stacked parameter share storage
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        tmp = self.out / f"model.part{len(self.parts):05d}.safetensors.tmp"
+        save_file(self.shard, str(tmp), metadata={"format": "pt"})
+        self.parts.append((tmp, list(self.shard)))
+        self.shard, self.size = {}, 0
+
+    def close(self, config: dict) -> Path:
+        if self.shard or not self.parts:
+            self._flush()
+        n, weight_map = len(self.parts), {}
+        for i, (tmp, names) in enumerate(self.parts):
+            fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(tmp, self.out / fname)
+            weight_map.update(dict.fromkeys(names, fname))
+        for old in self.out.glob("model*.safetensors"):  # shards of an earlier checkpoint here would be read too
+            if self._OURS.match(old.name) and old.name not in weight_map.values():
+                old.unlink()
+        tmp = self.out / "config.json.tmp"
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(tmp, self.out / "config.json")
+        index = self.out / "model.safetensors.index.json"
+        if n > 1:
+            tmp = self.out / "model.safetensors.index.json.tmp"
+            tmp.write_text(json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2))
+            os.replace(tmp, index)
+        elif index.exists():
+            index.unlink()
+        return self.out
+
+
+def config_for_disk(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """config.json for tensors saved in `dtype`."""
+    d = cfg.to_hf()
+    d["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if "dtype" in d:
+        d["dtype"] = d["torch_dtype"]
+    return d
+
+
+def keeps_fp32(disk_name: str) -> bool:
+    """The router's correction bias stays fp32 on disk (as in K2's and DeepSeek-V3's files): balancing moves
+    it by steps far below bf16's resolution."""
+    return disk_name.endswith("e_score_correction_bias")
 
 
 @torch.no_grad()
 def save(model: Transformer, directory: str | Path, max_shard_size: int | str = "5GB",
          dtype: torch.dtype | None = None) -> Path:
-    """Write config.json and safetensors shards (+ index) in the HF / K2 layout. Each file is written to a
-    temporary name and renamed, and the index last, so a crash never leaves a checkpoint that looks whole."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    limit = _parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
+    """Write config.json and safetensors shards (+ index) in the HF / K2 layout (see ShardWriter)."""
+    writer = ShardWriter(directory, max_shard_size)
     for name, t in disk_tensors(model):
-        if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
+        if dtype is not None and t.is_floating_point() and not keeps_fp32(name):
             t = t.to(dtype)
-        nbytes = t.numel() * t.element_size()
-        if sizes[-1] and sizes[-1] + nbytes > limit:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][name] = t
-        sizes[-1] += nbytes
-    # tensors are written shard by shard (clone: views of one stacked parameter share storage)
-    n = len(shards)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        _atomic_save({k: v.detach().to("cpu").clone() for k, v in shard.items()}, out / fname, {"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-    cfg_dict = model.cfg.to_hf()
-    dt = dtype or next(model.parameters()).dtype
-    cfg_dict["torch_dtype"] = str(dt).removeprefix("torch.")
-    if "dtype" in cfg_dict:
-        cfg_dict["dtype"] = cfg_dict["torch_dtype"]
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps(cfg_dict, indent=2) + "\n")
-    os.replace(tmp, out / "config.json")
-    index = out / "model.safetensors.index.json"
-    if n > 1:
-        tmp = out / "model.safetensors.index.json.tmp"
-        tmp.write_text(json.dumps({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=2))
-        os.replace(tmp, index)
-    elif index.exists():
-        index.unlink()
-    return out
+        writer.add(name, t)
+    return writer.close(config_for_disk(model.cfg, dtype or next(model.parameters()).dtype))
 
 
 def checkpoint_tensor_names(path: str | Path) -> dict[str, list[str]]:

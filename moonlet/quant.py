@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moonlet.config import ModelConfig
+from moonlet.config import ConfigError, ModelConfig
 from moonlet.model import Experts
 
 GROUP_SIZE = 32
@@ -279,6 +279,80 @@ def quantize_model(model: nn.Module, group_size: int = GROUP_SIZE, progress: boo
     return model
 
 
+@torch.no_grad()
+def quantize_checkpoint(src: str | Path, out: str | Path, group_size: int = GROUP_SIZE,
+                        dtype: torch.dtype = torch.bfloat16, max_shard_size: int | str = "5GB",
+                        progress: bool = False) -> dict | None:
+    """RTN INT4 of a checkpoint's routed experts straight from disk to disk, one tensor at a time: memory holds
+    one tensor and one output shard, so a 1T-parameter checkpoint quantizes on a machine that could never
+    load it. The files equal quantize_model + save on the loaded model (tested), and are checked first
+    against the names and shapes a model of the config has. Returns a summary, or None when the experts are
+    not stored one tensor per expert (a layout only the loader reads: quantize the loaded model instead)."""
+    from safetensors import safe_open
+
+    from moonlet import checkpoint as ck
+
+    src = Path(src)
+    cfg = ModelConfig.from_hf(src)
+    if cfg.quantization_config:
+        raise QuantError(f"{src} is already quantized ({cfg.quantization_config.get('format')})")
+    qcfg = ModelConfig.from_hf(src)
+    qcfg.extra["quantization_config"] = quantization_config(group_size)
+    want = {name: (tuple(t.shape), t.dtype) for name, t in ck.disk_tensors(ck.build(qcfg, "meta", dtype))}
+    plan: dict[Path, list[tuple[str, list[str]]]] = {}  # file -> (disk name, the names it is written as)
+    for file in ck._shard_files(src):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for disk in f.keys():
+                if ck._FUSED_EXPERT.match(disk):
+                    return None
+                if ck._resolve(disk, cfg) is None or (cfg.tie_word_embeddings and disk == "lm_head.weight"):
+                    continue  # what the loader skips (MTP layers, rotary buffers) is not written either
+                m = ck._EXPERT.match(disk)
+                base = disk.removesuffix(".weight")
+                names = [f"{base}.{k}" for k in ("weight_packed", "weight_scale", "weight_shape")] \
+                    if m and m.group(4) == "weight" else [disk]
+                for name in names:
+                    if name not in want:
+                        raise QuantError(f"{file.name}: tensor {disk!r} is not part of a model of this config.json")
+                shape = tuple(f.get_slice(disk).get_shape())
+                if len(names) == 1 and shape != want[disk][0] or len(names) == 3 and \
+                        (shape[0], shape[1] // 8) != want[names[0]][0]:
+                    raise QuantError(f"{file.name}: tensor {disk!r} has shape {shape}, which a model of this "
+                                     f"config.json does not have")
+                plan.setdefault(file, []).append((disk, names))
+    planned = {n for items in plan.values() for _, names in items for n in names}
+    missing = [n for n in want if n not in planned and not ck.keeps_fp32(n)]
+    if missing:
+        raise QuantError(f"{src}: {len(missing)} tensors are missing, e.g. {missing[:3]}")
+    writer = ck.ShardWriter(out, max_shard_size)
+    n_experts = sum(len(names) == 3 for items in plan.values() for _, names in items)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(map(len, plan.values())), desc="quantize", unit="tensor")
+    for file, items in plan.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for disk, names in items:
+                t = f.get_tensor(disk)
+                if len(names) == 3:
+                    q, scale = quantize(t.float(), group_size=group_size)
+                    for name, v in zip(names, (pack(q), scale, torch.tensor(t.shape, dtype=torch.int64))):
+                        writer.add(name, v)
+                else:
+                    writer.add(disk, t.float() if ck.keeps_fp32(disk) else t.to(dtype) if t.is_floating_point()
+                               else t)
+                if bar is not None:
+                    bar.update()
+    if bar is not None:
+        bar.close()
+    for name in want:  # a bias the source did not have: zero, as the loader gives
+        if name not in planned:
+            writer.add(name, torch.zeros(want[name][0], dtype=torch.float32))
+    writer.close(ck.config_for_disk(qcfg, dtype))
+    return {"moe_layers": cfg.n_moe_layers, "quantized_tensors": n_experts}
+
+
 # ------------------------------------------------------------------------------------------------------
 # QAT
 
@@ -378,7 +452,8 @@ def cli_quantize(argv: list[str]) -> int:
                     "compressed-tensors pack-quantized format (symmetric int4, bf16 scale per group of 32 input "
                     "columns; attention, shared experts, dense MLPs, router, embeddings and head stay in --dtype). "
                     "For a model trained with `moonlet train --qat int4` this is lossless: the checkpoint holds "
-                    "exactly the weights the QAT forward used.")
+                    "exactly the weights the QAT forward used. Tensors go from disk to disk one at a time (memory: "
+                    "one tensor and one output shard), so checkpoints far larger than RAM quantize too.")
     p.add_argument("in_dir", help="HF-format checkpoint directory (config.json + *.safetensors)")
     p.add_argument("out_dir", help="where to write the INT4 checkpoint (created; other files of IN_DIR are copied)")
     p.add_argument("--group-size", type=int, default=GROUP_SIZE, help="input columns per scale (K2: 32)")
@@ -401,21 +476,26 @@ def cli_quantize(argv: list[str]) -> int:
         print("moonlet quantize: OUT_DIR must differ from IN_DIR (the source is read while writing)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
+    dtype = getattr(torch, a.dtype)
     try:
-        model = load(src, dtype=torch.float32)  # quantize from full precision, whatever the source dtype
-        if model.cfg.quantization_config:
-            print(f"moonlet quantize: {src} is already quantized ({model.cfg.quantization_config.get('format')})",
-                  file=sys.stderr)
+        qc = ModelConfig.from_hf(src).quantization_config
+        if qc:
+            print(f"moonlet quantize: {src} is already quantized ({qc.get('format')})", file=sys.stderr)
             return 2
         losses = {}
-        if a.eval_data:
-            losses["eval_loss_in"] = eval_loss(model.eval(), a.eval_data, a.eval_seq_len, a.eval_batches)
-        quantize_model(model, a.group_size, progress=not a.json)
-        save(model, out, max_shard_size=a.max_shard_size, dtype=getattr(torch, a.dtype))
+        if a.eval_data:  # (loads the whole source model: only for models that fit in memory)
+            losses["eval_loss_in"] = eval_loss(load(src, dtype=torch.float32), a.eval_data, a.eval_seq_len,
+                                               a.eval_batches)
+        done = quantize_checkpoint(src, out, a.group_size, dtype, a.max_shard_size, progress=not a.json)
+        if done is None:  # experts stored in a layout only the loader reads: quantize the loaded model
+            model = quantize_model(load(src, dtype=torch.float32), a.group_size, progress=not a.json)
+            save(model, out, max_shard_size=a.max_shard_size, dtype=dtype)
+            done = {"moe_layers": len(model.moe_layers()),
+                    "quantized_tensors": 3 * len(model.moe_layers()) * model.cfg.n_routed_experts}
         if a.eval_data:
             int4 = load(out, dtype=torch.float32)  # what was written, as it will be served
             losses["eval_loss_out"] = eval_loss(int4, a.eval_data, a.eval_seq_len, a.eval_batches)
-    except (CheckpointError, QuantError) as e:
+    except (CheckpointError, QuantError, ConfigError) as e:
         print(f"moonlet quantize: {e}", file=sys.stderr)
         return 1
     skip = {"config.json", "model.safetensors.index.json"}
@@ -423,9 +503,7 @@ def cli_quantize(argv: list[str]) -> int:
         if f.is_file() and f.suffix not in (".safetensors", ".pt", ".bin") and f.name not in skip \
                 and not (out / f.name).exists():
             shutil.copy2(f, out / f.name)
-    n_layers = len(model.moe_layers())
-    summary = {"in_dir": str(src), "out_dir": str(out), "group_size": a.group_size, "moe_layers": n_layers,
-               "quantized_tensors": 3 * n_layers * model.cfg.n_routed_experts, "in_bytes": _dir_bytes(src),
+    summary = {"in_dir": str(src), "out_dir": str(out), "group_size": a.group_size, **done, "in_bytes": _dir_bytes(src),
                "out_bytes": _dir_bytes(out), **losses, "seconds": round(time.perf_counter() - t0, 2)}
     if a.json:
         print(json.dumps(summary))

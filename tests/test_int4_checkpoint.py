@@ -163,6 +163,45 @@ def test_cli_quantize_writes_a_k2_format_checkpoint(tmp_path, capsys):
     assert cli_main(["quantize", str(tmp_path / "dst"), str(tmp_path / "again")]) == 2  # already int4
 
 
+def read_checkpoint(path) -> dict:
+    return {name: t for file in sorted(path.glob("*.safetensors")) for name, t in load_file(str(file)).items()}
+
+
+def test_quantize_streams_from_disk_the_files_that_quantize_model_and_save_write(tmp_path, monkeypatch):
+    """The CLI's path (quantize_checkpoint: one tensor at a time, never a model) and the in-memory path give
+    the same config.json and the same tensors, bit for bit, from a sharded source."""
+    save(tiny_model(dtype=torch.bfloat16, seed=6), tmp_path / "src", max_shard_size="200KB")
+    assert len(list((tmp_path / "src").glob("*.safetensors"))) > 3
+    in_memory = quant.quantize_model(load(tmp_path / "src", dtype=torch.float32))
+    save(in_memory, tmp_path / "in_memory", dtype=torch.bfloat16)
+    import moonlet.checkpoint as ck
+
+    monkeypatch.setattr(ck, "load_weights", lambda *a, **k: pytest.fail("the streaming path loaded weights"))
+    summary = quant.quantize_checkpoint(tmp_path / "src", tmp_path / "streamed", max_shard_size="300KB")
+    assert summary == {"moe_layers": 1, "quantized_tensors": 3 * 8}
+    assert json.loads((tmp_path / "streamed" / "config.json").read_text()) == \
+        json.loads((tmp_path / "in_memory" / "config.json").read_text())
+    streamed, ref = read_checkpoint(tmp_path / "streamed"), read_checkpoint(tmp_path / "in_memory")
+    assert len(list((tmp_path / "streamed").glob("*.safetensors"))) > 1 and streamed.keys() == ref.keys()
+    for name, t in ref.items():
+        assert streamed[name].dtype == t.dtype and torch.equal(streamed[name], t), name
+
+
+def test_quantize_refuses_a_tensor_that_a_model_of_the_config_does_not_have(tmp_path):
+    save(tiny_model(dtype=torch.bfloat16), tmp_path / "src")
+    tensors = load_file(str(tmp_path / "src" / "model.safetensors"))
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    tensors[name] = tensors[name][:, :32].contiguous()
+    save_file(tensors, str(tmp_path / "src" / "model.safetensors"))
+    with pytest.raises(quant.QuantError, match=r"experts\.3\.up_proj\.weight.*shape"):
+        quant.quantize_checkpoint(tmp_path / "src", tmp_path / "out")
+    tensors[name] = tensors.pop("model.layers.1.mlp.experts.4.up_proj.weight")
+    save_file(tensors, str(tmp_path / "src" / "model.safetensors"))
+    with pytest.raises(quant.QuantError, match=r"missing.*experts\.4\.up_proj"):
+        quant.quantize_checkpoint(tmp_path / "src", tmp_path / "out")
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
 def test_int4_checkpoint_bytes_agree_with_costs(int4_dir):
     from moonlet.costs import checkpoint_bytes
 
