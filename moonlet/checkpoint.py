@@ -289,7 +289,8 @@ class ShardWriter:
         nbytes = t.numel() * t.element_size()
         if self.size and self.size + nbytes > self.limit:
             self._flush()
-        self.shard[name] = t.detach().to("cpu").clone()  # clone: views of one stacked parameter share storage
+        # a copy (one, from any device): views of one stacked parameter share storage, which safetensors refuses
+        self.shard[name] = t.detach().to("cpu", copy=True).contiguous()
         self.size += nbytes
         self.total += nbytes
 
