@@ -6,7 +6,9 @@ parameter. Loading goes shard by shard straight into the preallocated model (nev
 
 Quantized experts (compressed-tensors `pack-quantized`: `X.weight_packed`, `X.weight_scale`,
 `X.weight_shape`) map onto tensors `X_packed` / `X_scale` of the INT4 experts module that moonlet.quant swaps
-in when config.json carries a `quantization_config`; the rest of the loader is the same.
+in when config.json carries a `quantization_config`; the rest of the loader is the same. DeepSeek's FP8 block
+format (`X.weight` float8_e4m3fn + `X.weight_scale_inv` per 128 x 128 block: DeepSeek-V3 and the Kimi K2 base /
+instruct releases) is dequantized as it is read, into a dense model.
 """
 
 from __future__ import annotations
@@ -126,9 +128,20 @@ def load(path_or_preset: str | Path, device: str | torch.device = "cpu", dtype: 
         model.init_weights(seed=seed)
         return model.eval()
     cfg = ModelConfig.from_hf(path)
+    fp8 = stored_fp8(cfg)
     model = build(cfg, device, dtype, packed_layers=_packed_layers(path, cfg))
-    load_weights(model, path)
+    load_weights(model, path, fp8)
     return model.eval()
+
+
+def stored_fp8(cfg: ModelConfig) -> tuple[int, int] | None:
+    """FP8 block storage (DeepSeek-V3, Kimi K2 base / instruct) is read into a dense model: its quantization_config
+    leaves `cfg` (a save writes dense weights) and its block size is returned for the loader."""
+    from moonlet import quant
+
+    if not quant.is_fp8(cfg.quantization_config):
+        return None
+    return quant.fp8_block_size(cfg.extra.pop("quantization_config"))
 
 
 def _packed_layers(path: Path, cfg: ModelConfig) -> set[int]:
@@ -151,15 +164,56 @@ def _packed_layers(path: Path, cfg: ModelConfig) -> set[int]:
     return layers
 
 
+class DiskReader:
+    """Tensors of a checkpoint by name, FP8 ones dequantized with their `weight_scale_inv` (looked up in any
+    shard: a scale usually sits beside its weight, but nothing says it must)."""
+
+    SCALE = "_scale_inv"
+
+    def __init__(self, path: Path, fp8_block: tuple[int, int] | None):
+        self.path, self.fp8_block = path, fp8_block
+        self._keys: dict[Path, set[str]] = {}
+        self._where: dict[str, Path] | None = None
+
+    def get(self, f, file: Path, disk: str) -> torch.Tensor:
+        try:
+            t = f.get_tensor(disk)
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read tensor {disk!r} ({e}); is the file truncated?") from e
+        if t.dtype != torch.float8_e4m3fn:
+            return t
+        if self.fp8_block is None:
+            raise CheckpointError(f"{file.name}: {disk!r} is float8 but config.json has no FP8 quantization_config "
+                                  "(quant_method 'fp8', weight_block_size)")
+        from moonlet.quant import dequantize_fp8
+
+        name = disk + self.SCALE
+        if name in self._keys.setdefault(file, set(f.keys())):
+            scale = f.get_tensor(name)
+        else:
+            if self._where is None:
+                self._where = {}
+                for other in _shard_files(self.path):
+                    with safe_open(str(other), framework="pt", device="cpu") as g:
+                        self._where.update(dict.fromkeys(g.keys(), other))
+            if name not in self._where:
+                raise CheckpointError(f"{file.name}: float8 tensor {disk!r} has no {name!r} in the checkpoint")
+            with safe_open(str(self._where[name]), framework="pt", device="cpu") as g:
+                scale = g.get_tensor(name)
+        return dequantize_fp8(t, scale, self.fp8_block)
+
+
 @torch.no_grad()
-def load_weights(model: Transformer, path: str | Path) -> None:
-    """Copy every tensor of the checkpoint into `model`, shard by shard, checking names and shapes."""
+def load_weights(model: Transformer, path: str | Path, fp8_block: tuple[int, int] | None = None) -> None:
+    """Copy every tensor of the checkpoint into `model`, shard by shard, checking names and shapes.
+    `fp8_block`: the checkpoint stores FP8 weights in blocks of this size (see stored_fp8)."""
     path = Path(path)
     cfg = model.cfg
     state = dict(model.state_dict(keep_vars=True))
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     filled: dict[str, set[int] | bool] = {}
+    reader = DiskReader(path, fp8_block)
     for file in _shard_files(path):
         try:
             handle = safe_open(str(file), framework="pt", device="cpu")
@@ -167,8 +221,8 @@ def load_weights(model: Transformer, path: str | Path) -> None:
             raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated?") from e
         with handle as f:
             for disk in f.keys():
-                if cfg.tie_word_embeddings and disk == "lm_head.weight":
-                    continue
+                if cfg.tie_word_embeddings and disk == "lm_head.weight" or disk.endswith(DiskReader.SCALE):
+                    continue  # (FP8 scales are read with their weights)
                 fused = _FUSED_EXPERT.match(disk)
                 if fused:
                     _load_fused_experts(f, disk, fused, state, filled, file)
@@ -191,10 +245,7 @@ def load_weights(model: Transformer, path: str | Path) -> None:
                     raise CheckpointError(f"{file.name}: unexpected tensor {disk!r} (no such tensor in the "
                                           f"{cfg.model_type} model built from config.json)")
                 dest = state[name] if expert is None else state[name][expert]
-                try:
-                    tensor = f.get_tensor(disk)
-                except Exception as e:
-                    raise CheckpointError(f"{file}: cannot read tensor {disk!r} ({e}); is the file truncated?") from e
+                tensor = reader.get(f, file, disk)
                 if tuple(tensor.shape) != tuple(dest.shape):
                     raise CheckpointError(f"{file.name}: tensor {disk!r} has shape {tuple(tensor.shape)}, the model "
                                           f"expects {tuple(dest.shape)}")

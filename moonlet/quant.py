@@ -16,6 +16,7 @@ PTQ (`quantize_model`) replaces each MoE's `experts` with an `Int4Experts` holdi
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import shutil
@@ -179,6 +180,37 @@ def group_size_of(qcfg: dict) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------
+# FP8 block storage (DeepSeek-V3 and the Kimi K2 base / instruct releases): read, held dense
+
+
+def fp8_block_size(qcfg: dict) -> tuple[int, int]:
+    """Check a config.json quantization_config of DeepSeek's FP8 format ({"quant_method": "fp8", "fmt": "e4m3",
+    "weight_block_size": [128, 128]}): e4m3 weights with one float32 `weight_scale_inv` per block."""
+    where = "config.json quantization_config"
+    if qcfg.get("fmt", "e4m3") != "e4m3":
+        raise QuantError(f"{where}.fmt is {qcfg.get('fmt')!r}; moonlet reads FP8 'e4m3' (float8_e4m3fn) weights")
+    block = qcfg.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise QuantError(f"{where}.weight_block_size is {block!r}; need [rows, columns] per scale, e.g. [128, 128]")
+    return block[0], block[1]
+
+
+def is_fp8(qcfg: dict | None) -> bool:
+    return bool(qcfg) and qcfg.get("quant_method") == "fp8"
+
+
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """float8 w [N, K] times its block's scale_inv [ceil(N/b0), ceil(K/b1)] -> float32 [N, K]."""
+    N, K = w.shape
+    rows, cols = -(-N // block[0]), -(-K // block[1])
+    if tuple(scale_inv.shape) != (rows, cols):
+        raise QuantError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}; a {N} x {K} weight in {block[0]} x "
+                         f"{block[1]} blocks needs {(rows, cols)}")
+    s = scale_inv.float().repeat_interleave(block[0], 0)[:N].repeat_interleave(block[1], 1)[:, :K]
+    return w.float() * s
+
+
+# ------------------------------------------------------------------------------------------------------
 # INT4 routed experts (packed in memory)
 
 
@@ -294,9 +326,10 @@ def quantize_checkpoint(src: str | Path, out: str | Path, group_size: int = GROU
 
     src = Path(src)
     cfg = ModelConfig.from_hf(src)
+    reader = ck.DiskReader(src, ck.stored_fp8(cfg))  # an FP8 source is dequantized tensor by tensor
     if cfg.quantization_config:
         raise QuantError(f"{src} is already quantized ({cfg.quantization_config.get('format')})")
-    qcfg = ModelConfig.from_hf(src)
+    qcfg = copy.deepcopy(cfg)
     qcfg.extra["quantization_config"] = quantization_config(group_size)
     want = {name: (tuple(t.shape), t.dtype) for name, t in ck.disk_tensors(ck.build(qcfg, "meta", dtype))}
     plan: dict[Path, list[tuple[str, list[str]]]] = {}  # file -> (disk name, the names it is written as)
@@ -305,7 +338,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, group_size: int = GROU
             for disk in f.keys():
                 if ck._FUSED_EXPERT.match(disk):
                     return None
-                if ck._resolve(disk, cfg) is None or (cfg.tie_word_embeddings and disk == "lm_head.weight"):
+                if ck._resolve(disk, cfg) is None or (cfg.tie_word_embeddings and disk == "lm_head.weight") or \
+                        disk.endswith(reader.SCALE):
                     continue  # what the loader skips (MTP layers, rotary buffers) is not written either
                 m = ck._EXPERT.match(disk)
                 base = disk.removesuffix(".weight")
@@ -334,7 +368,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, group_size: int = GROU
     for file, items in plan.items():
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for disk, names in items:
-                t = f.get_tensor(disk)
+                t = reader.get(f, file, disk)
                 if len(names) == 3:
                     q, scale = quantize(t.float(), group_size=group_size)
                     for name, v in zip(names, (pack(q), scale, torch.tensor(t.shape, dtype=torch.int64))):
@@ -453,7 +487,9 @@ def cli_quantize(argv: list[str]) -> int:
                     "columns; attention, shared experts, dense MLPs, router, embeddings and head stay in --dtype). "
                     "For a model trained with `moonlet train --qat int4` this is lossless: the checkpoint holds "
                     "exactly the weights the QAT forward used. Tensors go from disk to disk one at a time (memory: "
-                    "one tensor and one output shard), so checkpoints far larger than RAM quantize too.")
+                    "one tensor and one output shard), so checkpoints far larger than RAM quantize too. IN_DIR may be "
+                    "bf16/fp32 or DeepSeek's FP8 block format (DeepSeek-V3, Kimi K2 base / instruct), which is "
+                    "dequantized first.")
     p.add_argument("in_dir", help="HF-format checkpoint directory (config.json + *.safetensors)")
     p.add_argument("out_dir", help="where to write the INT4 checkpoint (created; other files of IN_DIR are copied)")
     p.add_argument("--group-size", type=int, default=GROUP_SIZE, help="input columns per scale (K2: 32)")
@@ -479,7 +515,7 @@ def cli_quantize(argv: list[str]) -> int:
     dtype = getattr(torch, a.dtype)
     try:
         qc = ModelConfig.from_hf(src).quantization_config
-        if qc:
+        if qc and not is_fp8(qc):
             print(f"moonlet quantize: {src} is already quantized ({qc.get('format')})", file=sys.stderr)
             return 2
         losses = {}

@@ -4,10 +4,12 @@ is the real one."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,3 +59,44 @@ def tiny_hf_checkpoint(tmp_path):
         return path, model
 
     return make
+
+
+def to_fp8_release(src, out, block=(32, 32), scales_apart: bool = False) -> dict:
+    """Rewrite an HF checkpoint the way DeepSeek released V3: every projection weight as float8_e4m3fn with a
+    float32 `weight_scale_inv` per block (amax / 448, edge blocks partial), the rest as it was, and the
+    quantization_config of their config.json. Returns the dequantized weights (what a reader must get)."""
+    tensors = load_file(str(src / "model.safetensors"))
+    scales, dense = {}, {}
+    for name, w in list(tensors.items()):
+        if not (name.endswith("_proj.weight") or name.endswith("_proj_with_mqa.weight")):
+            continue
+        N, K = w.shape
+        rows, cols = -(-N // block[0]), -(-K // block[1])
+        padded = torch.zeros(rows * block[0], cols * block[1])
+        padded[:N, :K] = w.float()
+        blocks = padded.view(rows, block[0], cols, block[1])
+        scale = blocks.abs().amax((1, 3)).clamp_min(1e-12) / 448.0
+        q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+        tensors[name] = q.view(rows * block[0], cols * block[1])[:N, :K].contiguous()
+        scales[name + "_scale_inv"] = scale
+        dense[name] = (q.float() * scale[:, None, :, None]).view(rows * block[0], cols * block[1])[:N, :K].contiguous()
+    out.mkdir()
+    if scales_apart:  # the scales in a shard of their own, found through the index
+        save_file(tensors, str(out / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+        save_file(scales, str(out / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+        weight_map = {**dict.fromkeys(tensors, "model-00001-of-00002.safetensors"),
+                      **dict.fromkeys(scales, "model-00002-of-00002.safetensors")}
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    else:
+        save_file({**tensors, **scales}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                  "weight_block_size": list(block)}
+    (out / "config.json").write_text(json.dumps(cfg))
+    return dense
+
+
+@pytest.fixture
+def fp8_release():
+    """to_fp8_release, for tests: fp8_release(src_dir, out_dir, block=(32, 32), scales_apart=False) -> dense."""
+    return to_fp8_release

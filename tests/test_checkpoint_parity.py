@@ -189,3 +189,43 @@ def test_sharded_hf_checkpoints_load(tiny_hf_checkpoint, tmp_path):
     ids = torch.randint(0, 320, (1, 8))
     with torch.no_grad():
         logits_close(model(ids), hf(ids).logits)
+
+
+# ------------------------------------------------------------------------------------------------------
+# FP8 block storage (DeepSeek-V3, Kimi K2 base / instruct): read into a dense model
+
+
+@pytest.mark.parametrize("scales_apart", [False, True])
+def test_fp8_block_checkpoints_load_dense_with_the_logits_of_their_dequantized_weights(tiny_hf_checkpoint, tmp_path,
+                                                                                       fp8_release, scales_apart):
+    from transformers import DeepseekV3ForCausalLM
+
+    path, _ = tiny_hf_checkpoint()
+    dense = fp8_release(path, tmp_path / "fp8", scales_apart=scales_apart)
+    model = moonlet.load(tmp_path / "fp8")
+    assert model.cfg.quantization_config is None  # held dense: a save writes plain weights
+    # the peer: transformers loading the same checkpoint with the dequantized weights written in
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "config.json").write_text((path / "config.json").read_text())
+    save_file({**load_file(str(path / "model.safetensors")), **dense}, str(tmp_path / "dense" / "model.safetensors"),
+              metadata={"format": "pt"})
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    ids = torch.randint(0, 320, (2, 21), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits_close(model(ids), hf(ids).logits)
+
+
+def test_fp8_weights_without_their_config_or_scale_are_named(tiny_hf_checkpoint, tmp_path, fp8_release):
+    path, _ = tiny_hf_checkpoint()
+    fp8_release(path, tmp_path / "fp8")
+    cfg = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps({k: v for k, v in cfg.items()
+                                                              if k != "quantization_config"}))
+    with pytest.raises(CheckpointError, match=r"float8 but config.json has no FP8 quantization_config"):
+        moonlet.load(tmp_path / "fp8")
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    del tensors["model.layers.0.self_attn.o_proj.weight_scale_inv"]
+    save_file(tensors, str(tmp_path / "fp8" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"o_proj\.weight.*has no .*weight_scale_inv"):
+        moonlet.load(tmp_path / "fp8")

@@ -167,11 +167,17 @@ def read_checkpoint(path) -> dict:
     return {name: t for file in sorted(path.glob("*.safetensors")) for name, t in load_file(str(file)).items()}
 
 
-def test_quantize_streams_from_disk_the_files_that_quantize_model_and_save_write(tmp_path, monkeypatch):
+@pytest.mark.parametrize("source", ["bf16, sharded", "fp8 blocks (DeepSeek-V3 / K2 base release format)"])
+def test_quantize_streams_from_disk_the_files_that_quantize_model_and_save_write(tmp_path, monkeypatch, source,
+                                                                               fp8_release):
     """The CLI's path (quantize_checkpoint: one tensor at a time, never a model) and the in-memory path give
-    the same config.json and the same tensors, bit for bit, from a sharded source."""
-    save(tiny_model(dtype=torch.bfloat16, seed=6), tmp_path / "src", max_shard_size="200KB")
-    assert len(list((tmp_path / "src").glob("*.safetensors"))) > 3
+    the same config.json and the same tensors, bit for bit."""
+    if source.startswith("bf16"):
+        save(tiny_model(dtype=torch.bfloat16, seed=6), tmp_path / "src", max_shard_size="200KB")
+        assert len(list((tmp_path / "src").glob("*.safetensors"))) > 3
+    else:
+        save(tiny_model(dtype=torch.bfloat16, seed=6), tmp_path / "bf16")
+        fp8_release(tmp_path / "bf16", tmp_path / "src", scales_apart=True)
     in_memory = quant.quantize_model(load(tmp_path / "src", dtype=torch.float32))
     save(in_memory, tmp_path / "in_memory", dtype=torch.bfloat16)
     import moonlet.checkpoint as ck
