@@ -94,19 +94,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 # attention
 
 
-# PyTorch's flash SDPA kernel needs equal q/k/v head dims; MLA's value dim is smaller (96/96/64 in moe-2b), which
-# leaves it the slower memory-efficient kernel. MOONLET_SDPA_PAD_V=0 turns the padding off (to compare).
+# PyTorch's flash SDPA kernels need equal q/k/v head dims; MLA's value dim is smaller (96/96/64 in moe-2b). On CUDA
+# that leaves the slower memory-efficient kernel; on the CPU it leaves the unfused math path, 2-11x slower than
+# CPU flash (measured, fp32 and bf16, tiny to K2 head dims). MOONLET_SDPA_PAD_V=0 turns the padding off.
 PAD_V_FOR_FLASH = os.environ.get("MOONLET_SDPA_PAD_V", "1") != "0"
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      pad_v: bool | None = None) -> torch.Tensor:
-    """Causal SDPA over [B,H,T,d] heads. On CUDA in half precision, v is zero-padded to the q/k head dim so
-    the flash kernel is eligible (as HF does for flash-attention-2) and the output is sliced back: the zero
-    columns give zero outputs and zero gradients, so the result is the same attention."""
+    """Causal SDPA over [B,H,T,d] heads. On the CPU, and on CUDA in half precision, v is zero-padded to the q/k
+    head dim so a flash kernel is eligible (as HF does for flash-attention-2) and the output is sliced back: the
+    zero columns give zero outputs and zero gradients, so the result is the same attention."""
     dv, dqk = v.shape[-1], q.shape[-1]
     if pad_v is None:
-        pad_v = PAD_V_FOR_FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dv < dqk <= 256
+        pad_v = PAD_V_FOR_FLASH and dv < dqk and (q.device.type == "cpu" or q.is_cuda and dqk <= 256 and
+                                                  q.dtype in (torch.float16, torch.bfloat16))
     if not pad_v or dv == dqk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, dqk - dv)), is_causal=True, scale=scale)

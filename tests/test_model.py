@@ -183,6 +183,28 @@ def test_padding_v_to_the_qk_head_dim_gives_the_same_attention_and_gradients():
         torch.testing.assert_close(padded, plain)
 
 
+def test_cpu_mla_attention_and_absorbed_prefill_run_on_the_flash_sdpa_kernel():
+    """On the CPU a narrower v leaves SDPA's unfused math path (2-11x slower than CPU flash). The training
+    forward pads v; the absorbed prefill uses the whole keys as values. Both must run with only flash allowed."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from moonlet.kvcache import absorbed_attention
+
+    q, k = torch.randn(2, 4, 32, 24, requires_grad=True), torch.randn(2, 4, 32, 24, requires_grad=True)
+    v = torch.randn(2, 4, 32, 16, requires_grad=True)
+    model = moonlet.load("tiny")
+    mla, cfg = model.layers[0].self_attn, model.cfg
+    H, n, r, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with pytest.raises(RuntimeError):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        M.causal_attention(q, k, v, scale=0.2).sum().backward()
+        with torch.no_grad():
+            out = absorbed_attention(mla, torch.randn(1, 5, H, n), torch.randn(1, 5, H, r), torch.randn(1, 9, R + r),
+                                     torch.arange(4, 9)[None])
+    assert v.grad is not None and out.shape == (1, 5, H * cfg.v_head_dim)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_mla_attention_is_eligible_for_flash_sdpa():
     """With moe-2b's head dims (96/96/64) in bf16, plain SDPA has no flash kernel; causal_attention must run on
