@@ -61,11 +61,16 @@ def w4a16_grouped_matmul(xs: torch.Tensor, counts: torch.Tensor, packed: torch.T
 # CPU: torch's int4 weight-only GEMM for 16-bit activations
 
 
+CPU_INT4_KERNEL = os.environ.get("MOONLET_CPU_INT4_KERNEL", "1") != "0"  # 0: no kept copies (memory), fallback
+
+
 def use_cpu_int4pack(xs: torch.Tensor, out_dims: list[int], group_size: int) -> bool:
     """torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu: AVX2/AVX-512 with bf16 activations) takes
-    groups of 32-256 and output dims that are multiples of 16. fp32 activations keep the exact fallback."""
-    return (xs.device.type == "cpu" and xs.dtype == torch.bfloat16 and group_size in (32, 64, 128, 256)
-            and all(n % 16 == 0 for n in out_dims) and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+    groups of 32-256 and output dims that are multiples of 16. fp32 activations keep the exact fallback, and
+    so does MOONLET_CPU_INT4_KERNEL=0 (the kernel's copies of the experts cost another 0.5 byte per weight)."""
+    return (CPU_INT4_KERNEL and xs.device.type == "cpu" and xs.dtype == torch.bfloat16
+            and group_size in (32, 64, 128, 256) and all(n % 16 == 0 for n in out_dims)
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
 
 def cpu_int4pack(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
