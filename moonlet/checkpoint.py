@@ -200,7 +200,10 @@ class DiskReader:
                 raise CheckpointError(f"{file.name}: float8 tensor {disk!r} has no {name!r} in the checkpoint")
             with safe_open(str(self._where[name]), framework="pt", device="cpu") as g:
                 scale = g.get_tensor(name)
-        return dequantize_fp8(t, scale, self.fp8_block)
+        try:
+            return dequantize_fp8(t, scale, self.fp8_block)
+        except ValueError as e:
+            raise CheckpointError(f"{file.name}: float8 tensor {disk!r}: {e}") from e
 
 
 @torch.no_grad()
@@ -225,7 +228,7 @@ def load_weights(model: Transformer, path: str | Path, fp8_block: tuple[int, int
                     continue  # (FP8 scales are read with their weights)
                 fused = _FUSED_EXPERT.match(disk)
                 if fused:
-                    _load_fused_experts(f, disk, fused, state, filled, file)
+                    _load_fused_experts(reader.get(f, file, disk), disk, fused, state, filled, file)
                     continue
                 target = _resolve(disk, cfg)
                 if target is not None and target[0] == "":  # weight_shape: must match the packed module's
@@ -270,10 +273,10 @@ def load_weights(model: Transformer, path: str | Path, fp8_block: tuple[int, int
                               + ", ".join(missing[:5]))
 
 
-def _load_fused_experts(f, disk: str, match: re.Match, state: dict, filled: dict, file: Path) -> None:
+def _load_fused_experts(tensor: torch.Tensor, disk: str, match: re.Match, state: dict, filled: dict,
+                        file: Path) -> None:
     """Stacked experts as transformers-5 keeps them in memory: gate_up_proj [E, 2I, D], down_proj [E, D, I]."""
     layer, kind = match.groups()
-    tensor = f.get_tensor(disk)
     if kind == "down_proj":
         parts = {"down_proj": tensor}
     else:

@@ -201,6 +201,8 @@ def is_fp8(qcfg: dict | None) -> bool:
 
 def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """float8 w [N, K] times its block's scale_inv [ceil(N/b0), ceil(K/b1)] -> float32 [N, K]."""
+    if w.dim() != 2:
+        raise QuantError(f"FP8 block scales are defined for 2-D weights; this one is {tuple(w.shape)}")
     N, K = w.shape
     rows, cols = -(-N // block[0]), -(-K // block[1])
     if tuple(scale_inv.shape) != (rows, cols):
@@ -349,8 +351,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, group_size: int = GROU
                     if name not in want:
                         raise QuantError(f"{file.name}: tensor {disk!r} is not part of a model of this config.json")
                 shape = tuple(f.get_slice(disk).get_shape())
-                if len(names) == 1 and shape != want[disk][0] or len(names) == 3 and \
-                        (shape[0], shape[1] // 8) != want[names[0]][0]:
+                packed = want[names[0]][0]
+                if shape != (packed if len(names) == 1 else (packed[0], packed[1] * 8)):
                     raise QuantError(f"{file.name}: tensor {disk!r} has shape {shape}, which a model of this "
                                      f"config.json does not have")
                 plan.setdefault(file, []).append((disk, names))
