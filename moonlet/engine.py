@@ -350,10 +350,10 @@ class Engine:
             return
         req._looked_up = True
         blocks = self.prefix_cache.lookup(req.prompt_ids[:-1])
-        for b, block in enumerate(blocks):
-            bs = block.shape[1]
-            self.cache[:, req._slot, b * bs : (b + 1) * bs] = block
-        req._pos = req._cached = sum(b.shape[1] for b in blocks)
+        n = sum(b.shape[1] for b in blocks)
+        if n:  # one copy, not one per block (128 for a 2K prefix: ~0.5 ms of a 7 ms hit on the tiny model)
+            self.cache[:, req._slot, :n] = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+        req._pos = req._cached = n
 
     def _batch(self, budget: int) -> list[Request]:
         """The requests at the front of the queue whose remaining prompts fit in `budget` tokens together (each
