@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +42,8 @@ class Request:
     """One generation. The engine appends to `output_ids` (released tokens; a tail that might start a stop
     string is held back until it cannot) and sets `finished` / `finish_reason` last."""
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams, listener=None):
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams,
+                 listener: Callable[[Request], None] | None = None):
         self.id = f"req-{next(_ids)}"
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -186,7 +188,8 @@ class Engine:
     # --------------------------------------------------------------------------------------------------
     # public API
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None, listener=None) -> Request:
+    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None,
+               listener: Callable[[Request], None] | None = None) -> Request:
         """Queue a request and return it at once (thread-safe). `listener(request)`, if given, is called on the
         engine thread after each release of tokens and at the finish: it must only hand off (e.g. put to a
         queue), so that one thread can serve many streams (the server's SSE writer)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 
 class ScriptedRequest:
@@ -84,7 +85,8 @@ class ScriptedEngine:
             raise ValueError("--script: expected a JSON list of {'when': str, 'completion': str} objects")
         self.tokenizer, self.script, self.delay = tokenizer, script, delay
 
-    def submit(self, prompt_ids: list[int], params, listener=None) -> ScriptedRequest:
+    def submit(self, prompt_ids: list[int], params, listener: Callable[[ScriptedRequest], None] | None = None
+               ) -> ScriptedRequest:
         tok = self.tokenizer
         text = tok.decode(prompt_ids)
         last = text.rsplit("<|im_end|>", 1)[0].rsplit("<|im_middle|>", 1)[-1]
