@@ -129,14 +129,15 @@ GATHER_MAX = 1 << 18  # weight elements per projection that moe_decode may copy 
 
 
 def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """MoE.forward for decode: no host syncs (it lives inside a CUDA graph) and no routing metrics. In general the
-    experts' own forward runs (tokens sorted by expert into `grouped_swiglu`, bf16 weights or moonlet.quant's
+    """MoE.forward for decode: no host syncs (it lives inside a CUDA graph) and no routing metrics. In general
+    the experts' own forward runs (tokens sorted by expert into `grouped_swiglu`, bf16 weights or moonlet.quant's
     INT4): on CUDA the grouped GEMM skips empty groups, so a small batch reads only the experts it routed to.
-    On CPU, where a small decode step costs its op count, plain experts skip the sort: with few experts (at most 4x the routed
-    ones) all of them run, the unchosen weighted by 0 (DecodePlan fuses that path further); otherwise, while
-    the chosen experts' weights are small enough to copy (GATHER_MAX), they are gathered for three batched
-    matmuls. Bigger experts take the sorted path, which reads each chosen expert in place: gathering 16 of
-    the `small` preset's 704 x 1024 experts cost 13 ms per weight, 80% of a batch-4 step."""
+    On CPU, where a small decode step costs its op count, the sort is skipped where it can be: with few plain
+    experts (at most 4x the routed ones) all of them run, the unchosen weighted by 0 (DecodePlan fuses that
+    path further); otherwise, while the chosen experts' weights are small enough to copy (GATHER_MAX), they
+    are gathered (INT4 ones dequantized, one op per weight) for three batched matmuls. Bigger experts take the
+    sorted path, which reads each chosen expert in place: gathering 16 of the `small` preset's 704 x 1024
+    experts cost 13 ms per weight, 80% of a batch-4 step."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     weights, ids, _ = moe.gate(flat)
@@ -144,17 +145,26 @@ def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     N, k = ids.shape
     E = experts.n_experts
     plain_cpu = not x.is_cuda and type(experts) is Experts
+    packed = getattr(experts, "gate_proj_packed", None)  # moonlet.quant.Int4Experts: int32 [E, out, in/8]
+    chosen = None  # (weight name, flat expert ids) -> the chosen experts' weights [N*k, out, in], if copied
+    if plain_cpu and N * k <= 64 and N * k * experts.gate_proj[0].numel() <= GATHER_MAX:
+        chosen = lambda p, e: getattr(experts, p)[e]
+    elif not x.is_cuda and packed is not None and N * k <= 64 and N * k * packed[0].numel() * 8 <= GATHER_MAX:
+        from moonlet.quant import dequantize, unpack  # small INT4 experts: dequantize the chosen ones at once
+
+        chosen = lambda p, e: dequantize(unpack(getattr(experts, f"{p}_packed")[e]),
+                                         getattr(experts, f"{p}_scale")[e], x.dtype)
     if plain_cpu and E <= 4 * k:
         dense = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter_(1, ids, weights.to(x.dtype))
         g = F.linear(flat, experts.gate_proj.flatten(0, 1)).view(N, E, -1)
         u = F.linear(flat, experts.up_proj.flatten(0, 1)).view(N, E, -1)
         h = F.silu(g) * u * dense.unsqueeze(-1)  # [N,E,I]
         out = torch.bmm(h.transpose(0, 1), experts.down_proj.mT).sum(0).view(shape)  # [E,N,D] -> [N,D]
-    elif plain_cpu and N * k <= 64 and N * k * experts.gate_proj[0].numel() <= GATHER_MAX:
+    elif chosen is not None:
         e = ids.flatten()
         xs = flat.repeat_interleave(k, 0)[:, None]  # [N*k,1,D]
-        h = F.silu(xs @ experts.gate_proj[e].mT) * (xs @ experts.up_proj[e].mT)
-        h = (h @ experts.down_proj[e].mT).view(N, k, -1) * weights.unsqueeze(-1).to(x.dtype)
+        h = F.silu(xs @ chosen("gate_proj", e).mT) * (xs @ chosen("up_proj", e).mT)
+        h = (h @ chosen("down_proj", e).mT).view(N, k, -1) * weights.unsqueeze(-1).to(x.dtype)
         out = h.sum(1).view(shape)
     else:
         out = experts(flat, ids, weights).view(shape)

@@ -170,10 +170,11 @@ def test_requests_joining_mid_generation_get_the_same_tokens(tiny):
     assert rb.output_ids == full_forward_greedy(tiny, b, 5)
 
 
-# all experts / gathered / sorted (many rows) / sorted (experts too big to copy)
-@pytest.mark.parametrize("experts,rows,width,sorted_path", [(8, 1, 32, False), (16, 3, 32, False),
-                                                             (16, 40, 32, True), (16, 2, 4096, True)])
-def test_moe_decode_equals_the_moe_forward_on_every_cpu_path(experts, rows, width, sorted_path, monkeypatch):
+# all experts / gathered / sorted (many rows) / sorted (experts too big to copy); INT4: gathered / sorted
+@pytest.mark.parametrize("experts,rows,width,int4,sorted_path", [
+    (8, 1, 32, False, False), (16, 3, 32, False, False), (16, 40, 32, False, True), (16, 2, 4096, False, True),
+    (8, 3, 32, True, False), (8, 2, 4096, True, True)])
+def test_moe_decode_equals_the_moe_forward_on_every_cpu_path(experts, rows, width, int4, sorted_path, monkeypatch):
     import dataclasses
 
     from moonlet.kvcache import moe_decode
@@ -189,6 +190,10 @@ def test_moe_decode_equals_the_moe_forward_on_every_cpu_path(experts, rows, widt
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.2)
     moe.gate.e_score_correction_bias.normal_(0, 0.3)
+    if int4:
+        from moonlet.quant import Int4Experts
+
+        moe.experts = Int4Experts.from_experts(moe.experts, cfg)
     x = torch.randn(rows, cfg.hidden_size)
     with torch.no_grad():
         out = moe_decode(moe, x)
