@@ -274,11 +274,14 @@ class Experts(nn.Module):
             g = torch._grouped_mm(xs, self.gate_proj.to(dtype).transpose(-2, -1), offs=offs)
             u = torch._grouped_mm(xs, self.up_proj.to(dtype).transpose(-2, -1), offs=offs)
             return torch._grouped_mm(F.silu(g) * u, self.down_proj.to(dtype).transpose(-2, -1), offs=offs)
+        # unbind, not self.gate_proj[e]: the backward of each indexing writes a zero gradient of the whole
+        # stacked tensor and adds it up, E times per weight (64 experts of 704 x 1024: 11 s per layer's
+        # backward on the CPU instead of 0.4 s); unbind's backward stacks the E slices once
+        gates, ups, downs = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
         outs = []
         for e, xe in enumerate(xs.split(counts.tolist())):
             if xe.shape[0]:
-                outs.append(F.linear(F.silu(F.linear(xe, self.gate_proj[e])) * F.linear(xe, self.up_proj[e]),
-                                     self.down_proj[e]))
+                outs.append(F.linear(F.silu(F.linear(xe, gates[e])) * F.linear(xe, ups[e]), downs[e]))
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
 
 
