@@ -145,26 +145,18 @@ def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     N, k = ids.shape
     E = experts.n_experts
     plain_cpu = not x.is_cuda and type(experts) is Experts
-    packed = getattr(experts, "gate_proj_packed", None)  # moonlet.quant.Int4Experts: int32 [E, out, in/8]
-    chosen = None  # (weight name, flat expert ids) -> the chosen experts' weights [N*k, out, in], if copied
-    if plain_cpu and N * k <= 64 and N * k * experts.gate_proj[0].numel() <= GATHER_MAX:
-        chosen = lambda p, e: getattr(experts, p)[e]
-    elif not x.is_cuda and packed is not None and N * k <= 64 and N * k * packed[0].numel() * 8 <= GATHER_MAX:
-        from moonlet.quant import dequantize, unpack  # small INT4 experts: dequantize the chosen ones at once
-
-        chosen = lambda p, e: dequantize(unpack(getattr(experts, f"{p}_packed")[e]),
-                                         getattr(experts, f"{p}_scale")[e], x.dtype)
+    gather = not x.is_cuda and N * k <= 64 and N * k * experts.expert_numel() <= GATHER_MAX
     if plain_cpu and E <= 4 * k:
         dense = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter_(1, ids, weights.to(x.dtype))
         g = F.linear(flat, experts.gate_proj.flatten(0, 1)).view(N, E, -1)
         u = F.linear(flat, experts.up_proj.flatten(0, 1)).view(N, E, -1)
         h = F.silu(g) * u * dense.unsqueeze(-1)  # [N,E,I]
         out = torch.bmm(h.transpose(0, 1), experts.down_proj.mT).sum(0).view(shape)  # [E,N,D] -> [N,D]
-    elif chosen is not None:
+    elif gather:
         e = ids.flatten()
         xs = flat.repeat_interleave(k, 0)[:, None]  # [N*k,1,D]
-        h = F.silu(xs @ chosen("gate_proj", e).mT) * (xs @ chosen("up_proj", e).mT)
-        h = (h @ chosen("down_proj", e).mT).view(N, k, -1) * weights.unsqueeze(-1).to(x.dtype)
+        h = F.silu(xs @ experts.chosen("gate_proj", e, x.dtype).mT) * (xs @ experts.chosen("up_proj", e, x.dtype).mT)
+        h = (h @ experts.chosen("down_proj", e, x.dtype).mT).view(N, k, -1) * weights.unsqueeze(-1).to(x.dtype)
         out = h.sum(1).view(shape)
     else:
         out = experts(flat, ids, weights).view(shape)

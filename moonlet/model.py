@@ -253,6 +253,14 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
+    def chosen(self, proj: str, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The weights of experts `ids` (a copy): [len(ids), out, in]. INT4 experts dequantize them."""
+        return getattr(self, proj)[ids].to(dtype)
+
+    def expert_numel(self) -> int:
+        """Elements of one expert's weight (what `chosen` copies per id and projection)."""
+        return self.gate_proj[0].numel()
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 counts: torch.Tensor | None = None) -> torch.Tensor:
         """x [N,D], ids/weights [N,k] -> sum_k weights * expert_k(x) [N,D]. counts: expert_counts(ids), if known."""

@@ -231,21 +231,36 @@ class Int4Experts(Experts):
             self.register_buffer(f"{proj}_packed", torch.empty(E, out, inp // 8, dtype=torch.int32))
             self.register_buffer(f"{proj}_scale", torch.empty(E, out, inp // group_size, dtype=scale_dtype))
 
-    def _cpu_int4pack(self, proj: str, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e's weight in the layout of torch's CPU int4 kernel, converted at its first use and kept
-        (another 0.5 byte per weight of the experts used). A kept copy is dropped when the buffers it came
-        from were replaced or written in place (a load, .to())."""
-        packed, scale = getattr(self, f"{proj}_packed"), getattr(self, f"{proj}_scale")
-        cache = self.__dict__.setdefault("_cpu_copies", {})
-        kept = cache.get(proj)
-        if kept is None or kept[0]() is not packed or kept[1]() is not scale or \
-                kept[2] != (packed._version, scale._version):
-            kept = cache[proj] = (weakref.ref(packed), weakref.ref(scale), (packed._version, scale._version), {})
-        if e not in kept[3]:
-            from moonlet.kernels.w4a16 import cpu_int4pack
+    def _cpu_int4pack(self):
+        """-> weights(proj, e): expert e's weight in the layout of torch's CPU int4 kernel, converted at its
+        first use and kept (another 0.5 byte per weight of the experts used). Checked once per forward: kept
+        copies are dropped when the buffers they came from were replaced or written in place (a load)."""
+        from moonlet.kernels.w4a16 import cpu_int4pack
 
-            kept[3][e] = cpu_int4pack(packed[e], scale[e])
-        return kept[3][e]
+        cache = self.__dict__.setdefault("_cpu_copies", {})
+        kept = {}
+        for proj in PROJS:
+            packed, scale = getattr(self, f"{proj}_packed"), getattr(self, f"{proj}_scale")
+            entry = cache.get(proj)
+            if entry is None or entry[0]() is not packed or entry[1]() is not scale or \
+                    entry[2] != (packed._version, scale._version):
+                entry = cache[proj] = (weakref.ref(packed), weakref.ref(scale), (packed._version, scale._version), {})
+            kept[proj] = (packed, scale, entry[3])
+
+        def weights(proj: str, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+            packed, scale, copies = kept[proj]
+            if e not in copies:
+                copies[e] = cpu_int4pack(packed[e], scale[e])
+            return copies[e]
+        return weights
+
+    def chosen(self, proj: str, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The weights of experts `ids`, dequantized in one op: [len(ids), out, in]."""
+        return dequantize(unpack(getattr(self, f"{proj}_packed")[ids]), getattr(self, f"{proj}_scale")[ids], dtype)
+
+    def expert_numel(self) -> int:
+        out, inp = self._shapes["gate_proj"]
+        return out * inp
 
     def _apply(self, fn, recurse: bool = True):
         self.__dict__.pop("_cpu_copies", None)  # .to() / .cuda() / .half(): the copies belong to the old buffers
@@ -278,7 +293,7 @@ class Int4Experts(Experts):
         from moonlet.kernels import w4a16
 
         if w4a16.use_cpu_int4pack(xs, [s[0] for s in self._shapes.values()], self.group_size):
-            return w4a16.cpu_int4pack_swiglu(xs, counts, self._cpu_int4pack, self.group_size)
+            return w4a16.cpu_int4pack_swiglu(xs, counts, self._cpu_int4pack(), self.group_size)
         return w4a16.w4a16_grouped_swiglu(xs, counts, self.gate_proj_packed, self.gate_proj_scale, self.up_proj_packed,
                                     self.up_proj_scale, self.down_proj_packed, self.down_proj_scale)
 
@@ -401,6 +416,9 @@ class QATExperts(Experts):
     def grouped_swiglu(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         w = SimpleNamespace(**{p: fake_quant(getattr(self, p), self.qat_group_size) for p in PROJS})
         return Experts.grouped_swiglu(w, xs, counts)  # the dense grouped compute, on the fake-quant weights
+
+    def chosen(self, proj: str, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return fake_quant(getattr(self, proj)[ids], self.qat_group_size).to(dtype)
 
 
 class QATLinear(nn.Linear):

@@ -323,14 +323,13 @@ class Handler(BaseHTTPRequestHandler):
                 "system_fingerprint": "moonlet"}
 
     def _wait(self, req: dict, choices: list[Choice], t0: float) -> None:
-        choices[0].request.result()
-        if getattr(choices[0].request, "ttft", None) is not None:
-            self.server.metrics.observe("time_to_first_token", choices[0].request.ttft)
         for c in choices:
             c.request.result()
             for tok in c.request.output_ids:
                 c.feed(tok)
             c.finish()
+        if choices[0].request.ttft is not None:
+            self.server.metrics.observe("time_to_first_token", choices[0].request.ttft)
         if any(c.request.finish_reason == "error" for c in choices):
             return self._error(APIError(500, "the engine failed while generating", None, "engine_error",
                                         "server_error"))

@@ -170,11 +170,12 @@ def test_requests_joining_mid_generation_get_the_same_tokens(tiny):
     assert rb.output_ids == full_forward_greedy(tiny, b, 5)
 
 
-# all experts / gathered / sorted (many rows) / sorted (experts too big to copy); INT4: gathered / sorted
-@pytest.mark.parametrize("experts,rows,width,int4,sorted_path", [
-    (8, 1, 32, False, False), (16, 3, 32, False, False), (16, 40, 32, False, True), (16, 2, 4096, False, True),
-    (8, 3, 32, True, False), (8, 2, 4096, True, True)])
-def test_moe_decode_equals_the_moe_forward_on_every_cpu_path(experts, rows, width, int4, sorted_path, monkeypatch):
+# all experts / gathered / sorted (many rows) / sorted (experts too big to copy); INT4 and QAT: gathered / sorted
+@pytest.mark.parametrize("experts,rows,width,kind,sorted_path", [
+    (8, 1, 32, "plain", False), (16, 3, 32, "plain", False), (16, 40, 32, "plain", True),
+    (16, 2, 4096, "plain", True), (8, 3, 32, "int4", False), (8, 2, 4096, "int4", True), (16, 3, 32, "qat", False),
+    (16, 40, 32, "qat", True)])
+def test_moe_decode_equals_the_moe_forward_on_every_cpu_path(experts, rows, width, kind, sorted_path, monkeypatch):
     import dataclasses
 
     from moonlet.kvcache import moe_decode
@@ -190,10 +191,14 @@ def test_moe_decode_equals_the_moe_forward_on_every_cpu_path(experts, rows, widt
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.2)
     moe.gate.e_score_correction_bias.normal_(0, 0.3)
-    if int4:
+    if kind == "int4":
         from moonlet.quant import Int4Experts
 
         moe.experts = Int4Experts.from_experts(moe.experts, cfg)
+    elif kind == "qat":  # the forward runs on fake-quantized weights: so must the gathered ones
+        from moonlet.quant import enable_qat
+
+        assert enable_qat(moe, targets=[r"^experts$"]) == ["experts"]
     x = torch.randn(rows, cfg.hidden_size)
     with torch.no_grad():
         out = moe_decode(moe, x)
