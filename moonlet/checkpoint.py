@@ -206,6 +206,13 @@ class DiskReader:
             raise CheckpointError(f"{file.name}: float8 tensor {disk!r}: {e}") from e
 
 
+def not_loaded(disk: str, cfg: ModelConfig) -> bool:
+    """Disk tensors a model of `cfg` does not take: MTP layers, rotary buffers, a tied head, and FP8 scales
+    (read with their weights)."""
+    return (cfg.tie_word_embeddings and disk == "lm_head.weight") or disk.endswith(DiskReader.SCALE) or \
+        _resolve(disk, cfg) is None
+
+
 @torch.no_grad()
 def load_weights(model: Transformer, path: str | Path, fp8_block: tuple[int, int] | None = None) -> None:
     """Copy every tensor of the checkpoint into `model`, shard by shard, checking names and shapes.
@@ -224,22 +231,20 @@ def load_weights(model: Transformer, path: str | Path, fp8_block: tuple[int, int
             raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated?") from e
         with handle as f:
             for disk in f.keys():
-                if cfg.tie_word_embeddings and disk == "lm_head.weight" or disk.endswith(DiskReader.SCALE):
-                    continue  # (FP8 scales are read with their weights)
+                if not_loaded(disk, cfg):
+                    continue
                 fused = _FUSED_EXPERT.match(disk)
                 if fused:
                     _load_fused_experts(reader.get(f, file, disk), disk, fused, state, filled, file)
                     continue
                 target = _resolve(disk, cfg)
-                if target is not None and target[0] == "":  # weight_shape: must match the packed module's
+                if target[0] == "":  # weight_shape: must match the packed module's
                     layer, _, proj, _ = _EXPERT.match(disk).groups()
                     experts = model.get_submodule(f"layers.{layer}.mlp.experts")
                     want = experts.unpacked_shape(proj) if hasattr(experts, "unpacked_shape") else None
                     if want is None or f.get_tensor(disk).tolist() != list(want):
                         raise CheckpointError(f"{file.name}: {disk!r} is {f.get_tensor(disk).tolist()}, the model "
                                               f"expects {want} (an INT4 expert needs a quantization_config)")
-                    continue
-                if target is None:
                     continue
                 name, expert = target
                 if name not in state and 0 in f.get_slice(disk).get_shape():
@@ -362,8 +367,9 @@ class ShardWriter:
             fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             os.replace(tmp, self.out / fname)
             weight_map.update(dict.fromkeys(names, fname))
+        written = set(weight_map.values())
         for old in self.out.glob("model*.safetensors"):  # shards of an earlier checkpoint here would be read too
-            if self._OURS.match(old.name) and old.name not in weight_map.values():
+            if self._OURS.match(old.name) and old.name not in written:
                 old.unlink()
         tmp = self.out / "config.json.tmp"
         tmp.write_text(json.dumps(config, indent=2) + "\n")

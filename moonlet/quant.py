@@ -355,9 +355,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, group_size: int = GROU
             for disk in f.keys():
                 if ck._FUSED_EXPERT.match(disk):
                     return None
-                if ck._resolve(disk, cfg) is None or (cfg.tie_word_embeddings and disk == "lm_head.weight") or \
-                        disk.endswith(reader.SCALE):
-                    continue  # what the loader skips (MTP layers, rotary buffers) is not written either
+                if ck.not_loaded(disk, cfg):
+                    continue  # not written either
                 m = ck._EXPERT.match(disk)
                 base = disk.removesuffix(".weight")
                 names = [f"{base}.{k}" for k in ("weight_packed", "weight_scale", "weight_shape")] \
