@@ -381,18 +381,27 @@ class Stream:
     def listener(self, request) -> None:  # on the engine thread: only say there is news
         self.writer.news.put(self)
 
-    def sse(self, obj: dict | str) -> None:
-        data = b"data: " + (obj.encode() if isinstance(obj, str) else json.dumps(obj).encode()) + b"\n\n"
+    def start(self) -> None:
+        """The handler has written the head: from now on the writer owns the socket (non-blocking)."""
+        self.sock.setblocking(False)
+        self._read = {c.index: 0 for c in self.choices}
+        self._live = set(self._read)
+        self.started = True
+
+    def _event(self, data: bytes) -> None:  # one SSE event as one HTTP chunk
+        data = b"data: " + data + b"\n\n"
         self.out += b"%x\r\n%s\r\n" % (len(data), data)
+
+    def sse(self, obj: dict | str) -> None:
+        self._event(obj.encode() if isinstance(obj, str) else json.dumps(obj).encode())
 
     def send(self, index: int, delta: dict, finish: str | None = None) -> None:
         """The chunk json.dumps(head | {"choices": [{index, delta, logprobs, finish_reason}]}) writes, with the
         head's JSON built once per stream (it was a third of the writer's time per token)."""
         if self._head_json is None:
             self._head_json = json.dumps(self.head)[:-1] + ', "choices": [{"index": '
-        data = (f'data: {self._head_json}{index}, "delta": {json.dumps(delta)}, "logprobs": null, '
-                f'"finish_reason": {json.dumps(finish)}}}]}}\n\n').encode()
-        self.out += b"%x\r\n%s\r\n" % (len(data), data)
+        self._event(f'{self._head_json}{index}, "delta": {json.dumps(delta)}, "logprobs": null, '
+                    f'"finish_reason": {json.dumps(finish)}}}]}}'.encode())
 
     def advance(self, metrics: Metrics) -> None:
         """Parse every choice's new tokens into SSE chunks; after the last choice ends, the stream's tail."""
@@ -465,10 +474,7 @@ class SSEWriter(threading.Thread):
         self.blocked: set[Stream] = set()
 
     def hand_over(self, stream: Stream) -> None:
-        stream.sock.setblocking(False)
-        stream._read = {c.index: 0 for c in stream.choices}
-        stream._live = set(stream._read)
-        stream.started = True
+        stream.start()
         self.news.put(stream)
 
     def run(self) -> None:
