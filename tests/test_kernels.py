@@ -16,7 +16,6 @@ from moonlet.kernels import aot, w4a16
 from moonlet.model import Experts
 
 CUDA = torch.cuda.is_available()
-RUN_TRITON = w4a16.HAS_TRITON and (CUDA or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def packed_experts(E=6, D=128, I=96, seed=0, device="cpu"):
@@ -150,7 +149,7 @@ def test_int4_experts_drop_their_cpu_copies_when_the_weights_change():
 # Triton (CUDA, or the interpreter)
 
 
-@pytest.mark.skipif(not RUN_TRITON, reason="needs Triton on CUDA, or TRITON_INTERPRET=1")
+@pytest.mark.triton
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 @pytest.mark.parametrize("counts", [[1, 0, 2, 0, 0, 1], [0, 0, 0, 0, 0, 3], [9, 0, 30, 2, 0, 25]])
 def test_triton_kernels_match_dequantized_reference(path, counts, monkeypatch):
@@ -168,7 +167,7 @@ def test_triton_kernels_match_dequantized_reference(path, counts, monkeypatch):
         assert torch.allclose(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol), (dtype, path)
 
 
-@pytest.mark.skipif(not RUN_TRITON, reason="needs Triton on CUDA, or TRITON_INTERPRET=1")
+@pytest.mark.triton
 @pytest.mark.parametrize("tile", w4a16.GEMV_TILES)
 def test_every_triton_gemv_tile_the_autotuner_may_pick_matches_the_reference(tile):
     dev = "cuda" if CUDA else "cpu"

@@ -1,14 +1,11 @@
 """QK-Clip's per-head max logit: the Triton kernel (CUDA, or Triton's CPU interpreter) and the torch fallback
 both equal a float64 brute force over every causal (query >= key) pair."""
 
-import os
-
 import pytest
 import torch
 
 from moonlet.kernels import max_logits as ML
 
-RUN_TRITON = ML.HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -34,7 +31,7 @@ def test_torch_path_equals_brute_force(shift):
     torch.testing.assert_close(got.double(), brute_force(q, k, 0.3), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not RUN_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.triton
 @pytest.mark.parametrize("shape", [(2, 3, 100, 24), (1, 2, 64, 32), (1, 1, 7, 16)],
                          ids=["T-not-a-block-multiple", "T-one-block", "T-below-a-block"])
 @pytest.mark.parametrize("shift", [0.0, 2.0], ids=["mixed-sign", "all-negative"])
@@ -45,7 +42,7 @@ def test_triton_kernel_equals_brute_force(shape, shift):
     torch.testing.assert_close(got.double(), brute_force(q, k, 0.3), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not RUN_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.triton
 def test_triton_kernel_in_half_precision_matches_fp32_accumulation():
     """Low-precision inputs, fp32 accumulation: the logits SDPA itself computes (fp16 here: the interpreter's
     bf16 tl.dot is broken; CUDA runs the same kernel on bf16 under autocast)."""
