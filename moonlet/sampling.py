@@ -19,7 +19,7 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 256  # completion tokens, reasoning included
     stop_token_ids: tuple[int, ...] = ()  # the tokenizer's stop ids (<|im_end|>, [EOS]) are added unless ignore_eos
-    stop: tuple[str, ...] = ()  # stop strings (not included in the output)
+    stop: tuple[str, ...] = ()  # stop strings, matched on the visible text (not special tokens); cut from the output
     max_thinking_tokens: int | None = None  # when reasoning reaches it, the engine forces </think>
     ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
 

@@ -298,6 +298,38 @@ def test_stop_strings_are_cut_from_the_output_and_the_stream(tiny, tok):
     assert streamed == req.output_ids == ref[:6]
 
 
+def test_a_stop_string_starting_inside_a_token_keeps_the_text_before_it(tiny, tok):
+    """As OpenAI and vLLM do, the text ends exactly where the stop string starts: the token it starts in is
+    replaced by the tokens of its part before the stop string."""
+    [p] = prompts(1, [16], seed=6)
+    ref = full_forward_greedy(tiny, p, 12)
+    text = tok.decode(ref)
+    spans = [(len(tok.decode(ref[:k])) + 1, k) for k in range(1, 12) if len(tok.decode(ref[k:k + 1])) >= 2]
+    start, k = next((s, k) for s, k in spans if text.find(text[s:s + 2]) == s and "\ufffd" not in text[:s + 2])
+    eng = Engine(tiny, tok, max_seq_len=64).start()
+    try:
+        req = eng.submit(p, SamplingParams(temperature=0, max_tokens=12, stop=(text[start:start + 2],)))
+        streamed = list(req.stream())
+    finally:
+        eng.stop()
+    assert req.finish_reason == "stop" and streamed == req.output_ids
+    assert req.output_ids[:k] == ref[:k] and tok.decode(req.output_ids) == text[:start]
+    assert req.usage["completion_tokens"] == k + 1
+
+
+def test_stop_strings_never_match_special_tokens(tiny, tok):
+    """The forced </think> is structure, not text: a stop string spelling it does not end the request."""
+    from moonlet.chat import render_ids
+
+    prompt, _ = render_ids([{"role": "user", "content": "What is 2+2?"}], tok, add_generation_prompt=True)
+    eng = Engine(tiny, tok, max_seq_len=128)
+    params = SamplingParams(temperature=0, max_tokens=8, max_thinking_tokens=2, stop=("</think>", "think"))
+    r = eng.submit(prompt, params).result()
+    plain = eng.submit(prompt, SamplingParams(temperature=0, max_tokens=8, max_thinking_tokens=2)).result()
+    assert tok.think_end_id in r.output_ids and "think" not in tok.decode(plain.output_ids[3:])
+    assert r.finish_reason == "length" and r.output_ids == plain.output_ids
+
+
 def test_max_thinking_tokens_forces_think_end_and_the_answer_continues(tiny, tok):
     from moonlet.chat import render_ids
 
