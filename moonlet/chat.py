@@ -104,6 +104,8 @@ def _assistant_body(segs: list[Segment], m: dict, i: int, keep: bool, train: boo
     add(THINK_END, True)
     add(_content_text(m, i))
     calls = m.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise ValueError(f"messages[{i}].tool_calls: expected a list of tool calls, got {type(calls).__name__}")
     if calls:
         add(SECTION_BEGIN, True)
         for j, call in enumerate(calls):

@@ -39,10 +39,10 @@ class ScriptedRequest:
                 break
             if self.ttft is None:
                 self.ttft = time.perf_counter() - self._t0
-            self._publish(lambda t=t: self.output_ids.append(t))
-            if t in self._stop:
+            if t in self._stop:  # as in the engine: a stop token ends the request and is not returned
                 reason = "stop"
                 break
+            self._publish(lambda t=t: self.output_ids.append(t))
 
         def finish() -> None:
             self.finish_reason = reason or "stop"

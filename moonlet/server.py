@@ -243,25 +243,40 @@ class Handler(BaseHTTPRequestHandler):
                                "not_found")
             try:
                 body = json.loads(raw)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # RecursionError: nested too deep to parse
                 raise APIError(400, f"request body is not valid JSON: {e}", None, "invalid_json") from e
             s = self.server
             req = validate(body, s.model_name, s.max_model_len, s.default_max_tokens)
             prompt, prefix = build_prompt(req, s.tokenizer, s.max_model_len)
         except APIError as e:
             return self._error(e)
+        except Exception as e:
+            return self._error(self._internal_error(e))
         self._complete(req, prompt, prefix, t0)
+
+    def _internal_error(self, e: Exception) -> APIError:
+        """A bug, not bad input: the traceback goes to the log and the client still gets an OpenAI error
+        object (a dropped connection makes the openai client retry the same request)."""
+        traceback.print_exc()
+        self.close_connection = True
+        return APIError(500, f"internal server error ({type(e).__name__}: {e})", None, "internal_error",
+                        "server_error")
 
     # --- generation ------------------------------------------------------------------------------
     def _submit(self, req: dict, prompt: list[int], prefix: list[int], listener) -> list[Choice]:
+        from moonlet.chat import SECTION_BEGIN
         from moonlet.engine import SamplingParams
 
         choices: list[Choice] = []
+        # no tools declared, or tool_choice 'none': the model may not call one, so a tool section ends the turn
+        no_tools = not req["tools"] or req["tool_choice"] == "none"
+        stop_ids = (self.server.tokenizer.special[SECTION_BEGIN],) if no_tools else ()
         try:
             for i in range(req["n"]):
                 seed = None if req["seed"] is None else req["seed"] + i
                 params = SamplingParams(temperature=req["temperature"], top_p=req["top_p"], top_k=req["top_k"],
                                         seed=seed, max_tokens=req["max_tokens"], stop=req["stop"],
+                                        stop_token_ids=stop_ids,
                                         max_thinking_tokens=None if prefix else req["max_thinking_tokens"])
                 choices.append(Choice(i, self.server.engine.submit(prompt, params, listener), self.server.tokenizer,
                                       prefix, req["parallel_tool_calls"]))
@@ -293,6 +308,12 @@ class Handler(BaseHTTPRequestHandler):
             status = "client_gone"
             cancel()
             self.close_connection = True
+        except Exception as e:
+            status = "500"
+            cancel()
+            err = self._internal_error(e)
+            if stream is None:  # (a stream's 200 head may be out already: that connection just ends)
+                self._send(500, json.dumps(err.body()).encode())
         except BaseException:
             status = "500"
             cancel()

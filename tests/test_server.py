@@ -331,6 +331,9 @@ def test_malformed_json_gets_400_error_object(servers):
     assert status == 400 and body["error"]["code"] == "invalid_json" and body["error"]["message"]
     status, body = raw_post(servers["real"], b'[1, 2]', {"Authorization": f"Bearer {KEY}"})
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # too deep for json.loads
+    status, body = raw_post(servers["real"], deep, {"Authorization": f"Bearer {KEY}"})
+    assert status == 400 and body["error"]["code"] == "invalid_json"
 
 
 def test_unknown_model_gets_404(real):
@@ -351,7 +354,8 @@ def test_prompt_over_the_context_limit_gets_400(real):
 @pytest.mark.parametrize("kw", [{"temperature": 2.5}, {"top_p": 0}, {"n": 0}, {"n": 1000}, {"max_tokens": 0},
                                 {"max_tokens": "ten"}, {"stop": [""]}, {"tool_choice": "sometimes"},
                                 {"presence_penalty": 1.0}, {"messages": []},
-                                {"messages": [{"role": "wizard", "content": "hi"}]}])
+                                {"messages": [{"role": "wizard", "content": "hi"}]},
+                                {"messages": user("hi") + [{"role": "assistant", "tool_calls": True}]}])
 def test_out_of_range_parameters_get_400_naming_the_field(real, kw):
     args = {"model": "tiny", "messages": user("hi"), "max_tokens": 2} | kw
     with pytest.raises(openai.BadRequestError) as e:
@@ -465,6 +469,19 @@ def test_tool_choice_named_and_required_force_a_call(scripted):
     with pytest.raises(openai.BadRequestError):
         scripted.chat.completions.create(model="tiny", messages=user("x"), tools=[WEATHER_TOOL], max_tokens=5,
                                          tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_a_model_cannot_call_a_tool_with_tool_choice_none_or_no_tools(scripted):
+    """The script calls get_weather for this prompt; with no tool allowed, the tool section ends the turn."""
+    for kw in ({"tools": [WEATHER_TOOL], "tool_choice": "none"}, {}):
+        r = scripted.chat.completions.create(model="tiny", messages=user("What is the weather in Paris?"),
+                                             max_tokens=200, **kw)
+        c = r.choices[0]
+        assert c.finish_reason == "stop" and not c.message.tool_calls and c.message.content == "Let me check."
+        chunks = list(scripted.chat.completions.create(model="tiny", messages=user("What is the weather in Paris?"),
+                                                       max_tokens=200, stream=True, **kw))
+        assert not any(ch.choices and ch.choices[0].delta.tool_calls for ch in chunks)
+        assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_agent_openai_backend_runs_an_episode_against_moonlet_serve(servers):
