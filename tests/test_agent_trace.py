@@ -100,6 +100,10 @@ def test_a_torn_last_line_is_ignored_and_cut_before_appending(tmp_path):
     path.write_text('{"type": "start", "messages": []}\nnot json\n{"type": "end"}\n')
     with pytest.raises(ValueError, match="t.jsonl:2"):
         read_trace(path)
+    path.write_text('{"type": "start", "messages": []}\n')
+    with open(path, "ab") as f:  # records are UTF-8: a tear can split a character
+        f.write('{"type": "turn", "content": "é'.encode()[:-1])
+    assert [r["type"] for r in read_trace(path)] == ["start"]
 
 
 def test_an_interrupted_run_resumes_from_its_trace_without_rerunning_tools(tmp_path, sidefx):

@@ -218,7 +218,17 @@ class OpenAIBackend:
 
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout)
         self.thinking_param, self.extra_body = thinking_param, dict(extra_body or {})
-        self.model = model or self.client.models.list().data[0].id
+        try:
+            cards = self.client.models.list().data
+        except openai.APIError as e:  # unreachable now: fine when the model is named (the run can resume later)
+            if model is None:
+                raise ConnectionError(f"{base_url}: cannot list the served models to pick one ({e}); "
+                                      "is the server up? (or name the model)") from e
+            cards = []
+        self.model = model or cards[0].id
+        card = next((c for c in cards if c.id == self.model), None)
+        n = getattr(card, "max_model_len", None)  # vLLM and moonlet serve put the served context on the card
+        self.context_length: int | None = n if isinstance(n, int) and n > 0 else None
 
     def complete(self, messages: list[dict], tools: list[dict] | None, *, max_tokens: int,
                  max_thinking_tokens: int | None = None, temperature: float = 1.0,

@@ -51,7 +51,7 @@ def add_backend_args(ap: argparse.ArgumentParser) -> None:
     b.add_argument("--price-output", type=float, default=0.0, help="$ per million output tokens (K2: 2.50)")
     b.add_argument("--price-cached", type=float, default=None, help="$ per million cached input tokens")
     b.add_argument("--context-limit", type=int, default=None, help="context length in tokens; older tool "
-                   "outputs are hidden to stay under it (default: the model's, or 262144 for endpoints)")
+                   "outputs are hidden to stay under it (default: the model's; for endpoints their max_model_len, else 262144)")
     ap.add_argument("--tools", default="calculator,python", help="comma list: calculator, python, search "
                     "(needs --docs), or module:attr for your own (default: calculator,python)")
     ap.add_argument("--docs", default=None, help="directory (or index built by `moonlet index`) for search/open")
@@ -70,7 +70,8 @@ def budget_from(args: argparse.Namespace) -> Budget:
 
 
 def make_backend(args: argparse.Namespace) -> tuple[Any, int | None]:
-    """(backend, default context limit) from --scripted / --base-url / --model."""
+    """(backend, default context limit: the engine's, the endpoint's model card's, else K2's) from --scripted /
+    --base-url / --model."""
     if sum(x is not None for x in (args.scripted, args.base_url)) > 1:
         raise SystemExit("moonlet: give only one of --scripted, --base-url")
     if args.scripted:
@@ -79,7 +80,11 @@ def make_backend(args: argparse.Namespace) -> tuple[Any, int | None]:
         from moonlet.agent.backends import OpenAIBackend
 
         key = args.api_key or os.environ.get("OPENAI_API_KEY")
-        return OpenAIBackend(args.base_url, key, args.model), K2_CONTEXT
+        try:
+            backend = OpenAIBackend(args.base_url, key, args.model)
+        except ConnectionError as e:
+            raise SystemExit(f"moonlet: {e}") from None
+        return backend, backend.context_length or K2_CONTEXT
     if not args.model:
         raise SystemExit("moonlet: give --model (local) or --base-url (an endpoint)")
     import torch
@@ -206,7 +211,10 @@ def cli_agent(argv: list[str]) -> int:
     if args.resume:
         from moonlet.agent.trace import read_trace
 
-        records = read_trace(args.resume)
+        try:
+            records = read_trace(args.resume)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"moonlet: --resume: {e}") from None
         stored = records[0].get("meta", {}).get("cli", {})
         args = argparse.Namespace(**(vars(args) | stored | explicit_args(agent_parser(), argv)))
         args.trace = args.resume

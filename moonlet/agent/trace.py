@@ -63,14 +63,14 @@ def read_trace(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"trace {path} does not exist")
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = path.read_bytes().split(b"\n")  # bytes: a torn last line may end inside a UTF-8 character
     records = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
+            records.append(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             if i == len(lines) - 1:  # no newline after it: torn by a crash
                 break
             raise ValueError(f"{path}:{i + 1}: not a JSON record ({e})") from None
