@@ -106,11 +106,11 @@ def metric(text: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def raw_post(base: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+def raw_post(base: str, body: bytes, headers: dict | None = None, method: str = "POST") -> tuple[int, dict]:
     u = urlsplit(base)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
     try:
-        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json", **(headers or {})})
+        conn.request(method, "/v1/chat/completions", body, {"Content-Type": "application/json", **(headers or {})})
         r = conn.getresponse()
         return r.status, json.loads(r.read())
     finally:
@@ -215,7 +215,8 @@ def test_a_client_that_stops_reading_its_stream_does_not_hold_up_the_others():
     from moonlet.engine import SamplingParams
     from moonlet.openai_api import Choice
     from moonlet.scripted import ScriptedEngine
-    from moonlet.server import Metrics, SSEWriter, Stream
+    from moonlet.server import Metrics
+    from moonlet.sse import SSEWriter, Stream
 
     tok = load_tokenizer("tiny")
     words = "word " * 2000
@@ -331,6 +332,9 @@ def test_malformed_json_gets_400_error_object(servers):
     assert status == 400 and body["error"]["code"] == "invalid_json" and body["error"]["message"]
     status, body = raw_post(servers["real"], b'[1, 2]', {"Authorization": f"Bearer {KEY}"})
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    for method in ("PUT", "DELETE", "OPTIONS"):
+        status, body = raw_post(servers["real"], b"{}", method=method)
+        assert status == 405 and body["error"]["code"] == "method_not_allowed"
     deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # too deep for json.loads
     status, body = raw_post(servers["real"], deep, {"Authorization": f"Bearer {KEY}"})
     assert status == 400 and body["error"]["code"] == "invalid_json"
