@@ -4,6 +4,7 @@ when it runs, so `moonlet --help` stays fast and optional dependencies stay opti
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> ("module:function", help). The function takes argv (list[str]) and returns an exit code.
@@ -47,7 +48,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moonlet: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func = COMMANDS[name][0].split(":")
-    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    try:
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"moonlet {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("MOONLET_DEBUG") == "1" or not isinstance(e, user_errors()):
+            raise
+        print(f"moonlet {name}: {e}", file=sys.stderr)  # bad input: the message says what to fix
+        return 1
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean bad input (a wrong path, config, checkpoint, tokenizer, dataset): one line on
+    stderr and exit 1, no traceback (MOONLET_DEBUG=1 shows it). Anything else is a bug and keeps its traceback."""
+    from moonlet.checkpoint import CheckpointError
+    from moonlet.config import ConfigError
+    from moonlet.data import DataError
+    from moonlet.quant import QuantError
+    from moonlet.tokenizer import TokenizerError
+
+    return (CheckpointError, ConfigError, DataError, QuantError, TokenizerError, FileNotFoundError,
+            NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 if __name__ == "__main__":

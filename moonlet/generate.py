@@ -25,6 +25,12 @@ def _device_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
     from moonlet.checkpoint import default_dtype
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise SystemExit(f"--device {device!r}: {e}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device!r}: this torch sees no CUDA device (torch {torch.__version__})")
     if args.dtype is None:
         return device, default_dtype(device)
     if args.dtype not in _DTYPES:
@@ -34,7 +40,9 @@ def _device_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
 
 def _load_model(args: argparse.Namespace):
     """The --threads / --device / --dtype / --model options every command here shares."""
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads {args.threads}: must be at least 1")
         torch.set_num_threads(args.threads)
     device, dtype = _device_dtype(args)
     return moonlet.load(args.model, device=device, dtype=dtype)
@@ -79,6 +87,15 @@ def cli_generate(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     from moonlet.tokenizer import load_tokenizer
 
+    try:  # before the model loads: bad sampling options fail in a second, not after a minute of loading
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                max_tokens=args.max_tokens, max_thinking_tokens=args.max_thinking_tokens,
+                                stop=tuple(args.stop))
+        params.validate()
+    except ValueError as e:
+        ap.error(str(e))
+    if not args.prompt and not args.chat:
+        ap.error("--prompt is empty")
     model = _load_model(args)
     tok = load_tokenizer(args.tokenizer or args.model)
     if tok.vocab_size > model.cfg.vocab_size:
@@ -93,9 +110,11 @@ def cli_generate(argv: list[str]) -> int:
         prompt, _ = chat.render_ids(messages, tok, add_generation_prompt=True)
     else:
         prompt = tok.encode(args.prompt)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                            max_tokens=args.max_tokens, max_thinking_tokens=args.max_thinking_tokens,
-                            stop=tuple(args.stop))
+    context = model.cfg.max_position_embeddings
+    if len(prompt) + args.max_tokens > context:
+        print(f"moonlet generate: the prompt's {len(prompt)} tokens and --max-tokens {args.max_tokens} need "
+              f"{len(prompt) + args.max_tokens} positions; the model's context is {context}", file=sys.stderr)
+        return 2
     engine = Engine(model, tok, max_batch_size=1, compile=args.compile or None,
                     max_seq_len=min(model.cfg.max_position_embeddings, len(prompt) + args.max_tokens + 1))
     out = sys.stderr if args.json else sys.stdout
@@ -136,12 +155,14 @@ def cli_generate(argv: list[str]) -> int:
     dt = time.perf_counter() - t0
     speed = req.usage["completion_tokens"] / dt if dt > 0 else 0.0
     print(f"[{req.finish_reason}; {req.usage}; {speed:.1f} tokens/s]", file=sys.stderr)
+    if req.error:
+        print(f"moonlet generate: the engine failed: {req.error}", file=sys.stderr)
     if args.json:
         result = {"finish_reason": req.finish_reason, "usage": req.usage, "tokens_per_s": round(speed, 2),
-                  "decode": engine.decoder.mode, "output_ids": req.output_ids}
+                  "decode": engine.decoder.mode, "output_ids": req.output_ids, "error": req.error}
         result |= (chat.parse(tok.decode(req.output_ids)) if args.chat else {"text": tok.decode(req.output_ids)})
         print(json.dumps(result))
-    return 0
+    return 1 if req.finish_reason == "error" else 0
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -210,6 +231,9 @@ def _time_engine(engine: Engine, prompts: torch.Tensor, params: SamplingParams, 
     t0 = time.perf_counter()
     reqs = engine.generate(prompts.tolist(), params)
     _sync(device)
+    failed = next((r for r in reqs if r.finish_reason == "error"), None)
+    if failed is not None:
+        raise RuntimeError(f"the engine failed: {failed.error}")
     return time.perf_counter() - t0, max(r.t_first_token for r in reqs) - t0, reqs
 
 
@@ -332,9 +356,19 @@ def cli_bench_decode(argv: list[str]) -> int:
     if any(q not in ("none", "int4") for q in quants) or len(set(quants)) < len(quants):
         ap.error(f"--quant {args.quant!r}: give none, int4 or none,int4")
     quants.sort(key=["none", "int4"].index)  # bf16 first: quantizing replaces the experts in place
-    batches = [int(b) for b in args.batch.split(",")]
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        ap.error(f"--batch {args.batch!r}: give batch sizes >= 1, comma-separated (e.g. 1,16)")
     P, N = args.prompt_len, args.new_tokens
+    if P < 1 or N < 2:
+        ap.error("--prompt-len must be >= 1 and --new-tokens >= 2 (decode speed excludes the first token)")
     model = _load_model(args)
+    if P + N > model.cfg.max_position_embeddings:
+        ap.error(f"--prompt-len {P} + --new-tokens {N} is over the model's context "
+                 f"({model.cfg.max_position_embeddings})")
     hf = hf_error = None
     if args.compare == "hf":
         try:
@@ -391,9 +425,11 @@ def cli_bench_prefix_cache(argv: list[str]) -> int:
     _common(ap, "tiny")
     ap.add_argument("--prefix-len", type=int, default=2048, help="shared prefix tokens (2048)")
     ap.add_argument("--suffix-len", type=int, default=32, help="distinct suffix tokens per request (32)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed repetitions; the best is reported (5)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repetitions; the median is reported (5)")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     args = ap.parse_args(argv)
+    if args.prefix_len < 1 or args.suffix_len < 1 or args.repeats < 1:
+        ap.error("--prefix-len, --suffix-len and --repeats must be >= 1")
     model = _load_model(args)
     gen = torch.Generator().manual_seed(0)
     V, P, S = model.cfg.vocab_size, args.prefix_len, args.suffix_len
@@ -403,6 +439,8 @@ def cli_bench_prefix_cache(argv: list[str]) -> int:
 
     def ttft(prompt: list[int]) -> tuple[float, int]:
         r = engine.submit(prompt, params).result()
+        if r.finish_reason == "error":
+            raise RuntimeError(f"the engine failed: {r.error}")
         return r.ttft, r.usage["cached_tokens"]
 
     suffix = lambda: torch.randint(0, V, (S,), generator=gen).tolist()

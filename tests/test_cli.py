@@ -50,3 +50,33 @@ def test_info_json_for_kimi_k2_from_the_console_script():
     assert 32e9 < report["params_active"] < 33e9
     assert report["kv_bytes_per_token_bf16"] == 70272
     assert round(report["checkpoint_bytes_int4_experts"] / 1e9) == 594
+
+
+def test_bad_input_is_one_line_on_stderr_and_exit_1_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")  # a config and no weights
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"]) == 1
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "neither a checkpoint directory nor a preset" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 2
+
+
+@pytest.mark.parametrize("argv", [["--max-tokens", "0"], ["--temperature", "-1"], ["--stop="], ["--threads", "0"]])
+def test_generate_refuses_bad_options_before_loading_the_model(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", "tiny", "--prompt", "hi", *argv])
+    assert e.value.code not in (0, None) and "Traceback" not in capsys.readouterr().err
+
+
+def test_generate_exits_1_and_reports_the_error_when_the_engine_fails(monkeypatch, capsys):
+    from moonlet import model
+
+    def broken(self, x):  # an injected fault: a valid model cannot be made to fail its forward on demand
+        raise RuntimeError("injected router fault")
+
+    monkeypatch.setattr(model.Router, "forward", broken)
+    code = main(["generate", "--model", "tiny", "--prompt", "hi", "--max-tokens", "2", "--json"])
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 1 and result["finish_reason"] == "error" and "injected router fault" in result["error"]
+    assert "the engine failed" in err
