@@ -70,8 +70,9 @@ def _resolve(disk: str, cfg: ModelConfig) -> tuple[str, int | None] | None:
     if _IGNORED.search(disk):
         return None
     m = _LAYER.match(disk)
-    if m and int(m.group(1)) >= cfg.num_hidden_layers:
-        return None  # MTP layers (DeepSeek-V3 layer 61) are not part of the base model
+    if m and cfg.num_hidden_layers <= int(m.group(1)) < cfg.num_hidden_layers + cfg.num_nextn_predict_layers:
+        return None  # MTP layers (DeepSeek-V3 layer 61) are not part of the base model; other extra layers
+        # are reported as unexpected (a config with too few num_hidden_layers must not drop them silently)
     m = _EXPERT.match(disk)
     if m:
         layer, expert, proj, suffix = m.groups()
@@ -252,6 +253,9 @@ def load_weights(model: Transformer, path: str | Path, fp8_block: tuple[int, int
                 if name not in state:
                     raise CheckpointError(f"{file.name}: unexpected tensor {disk!r} (no such tensor in the "
                                           f"{cfg.model_type} model built from config.json)")
+                if expert is not None and expert >= state[name].shape[0]:
+                    raise CheckpointError(f"{file.name}: {disk!r} is expert {expert}, but config.json has "
+                                          f"n_routed_experts = {state[name].shape[0]}")
                 dest = state[name] if expert is None else state[name][expert]
                 tensor = reader.get(f, file, disk)
                 if tuple(tensor.shape) != tuple(dest.shape):

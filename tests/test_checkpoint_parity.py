@@ -150,6 +150,21 @@ def test_unexpected_tensor_is_named_with_its_file(tiny_hf_checkpoint):
         moonlet.load(path)
 
 
+def test_a_config_smaller_than_its_checkpoint_is_an_error_not_a_truncated_model(tiny_hf_checkpoint):
+    """Layers past num_hidden_layers are skipped only as MTP layers (num_nextn_predict_layers); experts past
+    n_routed_experts are never dropped."""
+    path, _ = tiny_hf_checkpoint()
+    config = json.loads((path / "config.json").read_text())
+    for change, error in (({"num_hidden_layers": 2, "num_nextn_predict_layers": 0}, r"unexpected tensor 'model\.layers\.2\."),
+                          ({"n_routed_experts": 4, "n_group": 2, "topk_group": 1}, r"expert 4.*n_routed_experts = 4")):
+        (path / "config.json").write_text(json.dumps(config | change))
+        with pytest.raises(CheckpointError, match=error):
+            moonlet.load(path)
+    mtp = config | {"num_hidden_layers": 2, "num_nextn_predict_layers": 1}  # layer 2 as DeepSeek-V3's MTP layer
+    (path / "config.json").write_text(json.dumps(mtp))
+    assert moonlet.load(path).cfg.num_hidden_layers == 2
+
+
 def test_misshaped_tensor_is_named_with_both_shapes(tiny_hf_checkpoint):
     path, _ = tiny_hf_checkpoint()
     tensors = load_file(path / "model.safetensors")
