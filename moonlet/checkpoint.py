@@ -108,6 +108,15 @@ def _shard_files(path: Path) -> list[Path]:
     return files
 
 
+def open_shard(file: Path):
+    """safe_open, with a truncated or corrupt file named in a CheckpointError (safetensors raises its own
+    error types for bad headers)."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated?") from e
+
+
 def default_dtype(device: str | torch.device) -> torch.dtype:
     """The dtype the commands (generate, serve, agent, bench) load weights in unless told: bfloat16 on CUDA
     (what K2 runs in, and what the kernels are tuned for), float32 elsewhere (CPU bf16 matmuls are slow, and
@@ -151,7 +160,7 @@ def _packed_layers(path: Path, cfg: ModelConfig) -> set[int]:
     layers = set()
     for file in _shard_files(path):
         try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
+            with open_shard(file) as f:
                 names = list(f.keys())
         except Exception as e:
             raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated?") from e
@@ -195,11 +204,11 @@ class DiskReader:
             if self._where is None:
                 self._where = {}
                 for other in _shard_files(self.path):
-                    with safe_open(str(other), framework="pt", device="cpu") as g:
+                    with open_shard(other) as g:
                         self._where.update(dict.fromkeys(g.keys(), other))
             if name not in self._where:
                 raise CheckpointError(f"{file.name}: float8 tensor {disk!r} has no {name!r} in the checkpoint")
-            with safe_open(str(self._where[name]), framework="pt", device="cpu") as g:
+            with open_shard(self._where[name]) as g:
                 scale = g.get_tensor(name)
         try:
             return dequantize_fp8(t, scale, self.fp8_block)
@@ -226,11 +235,7 @@ def load_weights(model: Transformer, path: str | Path, fp8_block: tuple[int, int
     filled: dict[str, set[int] | bool] = {}
     reader = DiskReader(path, fp8_block)
     for file in _shard_files(path):
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types for truncated / corrupt headers
-            raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated?") from e
-        with handle as f:
+        with open_shard(file) as f:
             for disk in f.keys():
                 if not_loaded(disk, cfg):
                     continue
@@ -342,6 +347,12 @@ class ShardWriter:
 
     def __init__(self, directory: str | Path, max_shard_size: int | str = "5GB"):
         self.out = Path(directory)
+        if self.out.exists() and not self.out.is_dir():
+            raise CheckpointError(f"{self.out} is a file, not a directory")
+        foreign = sorted(f.name for f in self.out.glob("*.safetensors") if not self._OURS.match(f.name))
+        if foreign:  # a single-shard checkpoint has no index: the loader reads every *.safetensors there
+            raise CheckpointError(f"{self.out} holds other safetensors files ({', '.join(foreign[:3])}), which a "
+                                  "load would read as part of this checkpoint; choose an empty directory")
         self.out.mkdir(parents=True, exist_ok=True)
         self.limit = _parse_size(max_shard_size)
         self.shard: dict[str, torch.Tensor] = {}
@@ -419,6 +430,6 @@ def checkpoint_tensor_names(path: str | Path) -> dict[str, list[str]]:
     """Disk tensor names per shard file (for `moonlet info DIR` and debugging)."""
     names: dict[str, list[str]] = defaultdict(list)
     for file in _shard_files(Path(path)):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_shard(file) as f:
             names[file.name] = list(f.keys())
     return dict(names)

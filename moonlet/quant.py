@@ -175,7 +175,7 @@ def group_size_of(qcfg: dict) -> int:
         raise QuantError(f"{where}.config_groups.{name}.input_activations is set; moonlet runs weight-only (W4A16)")
     gs = w.get("group_size")
     if not isinstance(gs, int) or gs <= 0 or gs % 8:
-        raise QuantError(f"{where}.config_groups.{name}.weights.group_size is {gs!r}; need a multiple of 8")
+        raise QuantError(f"{where}.config_groups.{name}.weights.group_size is {gs!r}; need a positive multiple of 8")
     return gs
 
 
@@ -337,8 +337,6 @@ def quantize_checkpoint(src: str | Path, out: str | Path, group_size: int = GROU
     load it. The files equal quantize_model + save on the loaded model (tested), and are checked first
     against the names and shapes a model of the config has. Returns a summary, or None when the experts are
     not stored one tensor per expert (a layout only the loader reads: quantize the loaded model instead)."""
-    from safetensors import safe_open
-
     from moonlet import checkpoint as ck
 
     src = Path(src)
@@ -351,7 +349,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, group_size: int = GROU
     want = {name: (tuple(t.shape), t.dtype) for name, t in ck.disk_tensors(ck.build(qcfg, "meta", dtype))}
     plan: dict[Path, list[tuple[str, list[str]]]] = {}  # file -> (disk name, the names it is written as)
     for file in ck._shard_files(src):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with ck.open_shard(file) as f:
             for disk in f.keys():
                 if ck._FUSED_EXPERT.match(disk):
                     return None
@@ -382,7 +380,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, group_size: int = GROU
 
         bar = tqdm(total=sum(map(len, plan.values())), desc="quantize", unit="tensor")
     for file, items in plan.items():
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with ck.open_shard(file) as f:
             for disk, names in items:
                 t = reader.get(f, file, disk)
                 if len(names) == 3:
@@ -521,6 +519,8 @@ def cli_quantize(argv: list[str]) -> int:
     p.add_argument("--eval-batches", type=int, default=16, help="eval batches of 8 windows (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON summary object as the last line")
     a = p.parse_args(argv)
+    if a.group_size <= 0 or a.group_size % 8:
+        p.error(f"--group-size {a.group_size}: need a positive multiple of 8 (K2: 32)")
     from moonlet.checkpoint import CheckpointError, load, save
 
     src, out = Path(a.in_dir), Path(a.out_dir)

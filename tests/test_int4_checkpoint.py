@@ -208,6 +208,20 @@ def test_quantize_refuses_a_tensor_that_a_model_of_the_config_does_not_have(tmp_
     assert not (tmp_path / "out" / "config.json").exists()
 
 
+def test_quantize_refuses_a_truncated_source_and_an_output_holding_other_weights(tmp_path):
+    from moonlet.checkpoint import CheckpointError
+
+    save(tiny_model(dtype=torch.bfloat16), tmp_path / "src")
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "other.safetensors").write_bytes((tmp_path / "src" / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=r"other\.safetensors.*empty directory"):
+        quant.quantize_checkpoint(tmp_path / "src", tmp_path / "occupied")
+    file = tmp_path / "src" / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:100_000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
+        quant.quantize_checkpoint(tmp_path / "src", tmp_path / "out")
+
+
 def test_int4_checkpoint_bytes_agree_with_costs(int4_dir):
     from moonlet.costs import checkpoint_bytes
 
