@@ -100,10 +100,13 @@ def parse_bytes(text: str) -> int:
     """'80GB' / '80GiB' / '512MB' / '1000000' -> bytes."""
     t = text.strip().upper().removesuffix("B")
     units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-    for suffix in sorted(units, key=len, reverse=True):
-        if t.endswith(suffix):
-            return int(float(t[: -len(suffix)]) * units[suffix])
-    return int(float(t))
+    try:
+        for suffix in sorted(units, key=len, reverse=True):
+            if t.endswith(suffix):
+                return int(float(t[: -len(suffix)]) * units[suffix])
+        return int(float(t))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size: give e.g. 80GB, 141GiB or 512MB") from None
 
 
 def info(name_or_dir: str, context: int = 4096, memory: int | None = None) -> dict:
@@ -130,6 +133,7 @@ def info(name_or_dir: str, context: int = 4096, memory: int | None = None) -> di
             "bf16_weights": tokens_that_fit(cfg, memory, sizes["bf16"]),
             "int4_expert_weights": tokens_that_fit(cfg, memory, sizes["int4_experts"]),
             "cache_only": tokens_that_fit(cfg, memory),
+            "one_sequence_at_most": cfg.max_position_embeddings,  # the rest serves other sequences at once
         }
     return out
 
@@ -153,6 +157,8 @@ def cli_info(argv: list[str]) -> int:
                         help="a memory budget such as 80GB or 141GiB: also report how many tokens of context fit")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.context < 1:
+        parser.error(f"--context {args.context}: must be at least 1")
     try:
         report = info(args.model, args.context, parse_bytes(args.memory) if args.memory else None)
     except (ValueError, FileNotFoundError) as e:
@@ -177,6 +183,7 @@ def cli_info(argv: list[str]) -> int:
     if "context_tokens_that_fit" in report:
         fit = report["context_tokens_that_fit"]
         lines.append(f"context that fits in {args.memory}: {fit['bf16_weights']:,} tokens with bf16 weights, "
-                     f"{fit['int4_expert_weights']:,} with INT4 experts, {fit['cache_only']:,} for the cache alone")
+                     f"{fit['int4_expert_weights']:,} with INT4 experts, {fit['cache_only']:,} for the cache alone "
+                     f"(summed over sequences: one holds at most {fit['one_sequence_at_most']:,})")
     print("\n".join(lines))
     return 0

@@ -80,3 +80,14 @@ def test_generate_exits_1_and_reports_the_error_when_the_engine_fails(monkeypatc
     result = json.loads(out.strip().splitlines()[-1])
     assert code == 1 and result["finish_reason"] == "error" and "injected router fault" in result["error"]
     assert "the engine failed" in err
+
+
+def test_info_memory_reports_the_cache_tokens_that_fit_and_one_sequences_limit(capsys):
+    assert main(["info", "kimi-k2", "--memory", "1.5TB", "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)["context_tokens_that_fit"]
+    assert fit["bf16_weights"] == 0 < fit["int4_expert_weights"] < fit["cache_only"]  # 2 TB of bf16 does not fit
+    assert fit["one_sequence_at_most"] == 262144
+    for bad in (["--memory", "lots"], ["--context", "-1"]):
+        with pytest.raises(SystemExit):
+            main(["info", "tiny", *bad])
+    assert "is not a size" in capsys.readouterr().err
