@@ -8,8 +8,10 @@ so `ModelConfig.from_hf(d).to_hf() == d` for real checkpoint configs.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
+import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,10 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"ModelConfig.{name} = {getattr(self, name)!r}: {why}")
 
+        for f in fields(self):  # types first: a JSON string "1e-6" must not reach a comparison
+            kinds = f.type.split(" | ")
+            if f.name != "extra" and not any(_is_a(getattr(self, f.name), k) for k in kinds):
+                need(False, f.name, "must be " + " or ".join(_TYPE_NAMES[k] for k in kinds))
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                      "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
                      "moe_layer_freq"):
@@ -174,17 +180,20 @@ class ModelConfig:
         """Read an HF config (dict, config.json path or checkpoint directory) of any supported style:
         K2 (`kimi_k2`, `rope_scaling`), DeepSeek-V3 (groups, MTP), Moonlight (`q_lora_rank: null`) and
         transformers-5 (`rope_parameters`, `head_dim`, `qk_head_dim`, `dtype`)."""
+        where: Any = "config"
         if not isinstance(d, dict):
             path = Path(d)
-            path = path / "config.json" if path.is_dir() else path
+            path = where = path / "config.json" if path.is_dir() else path
             if not path.exists():
-                raise ConfigError(f"{path}: no config.json found")
+                raise ConfigError(f"{path}: no such config file" if path.name != "config.json" else
+                                  f"{path}: no config.json found")
             try:
                 d = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from e
         src = dict(d)
         known = {f.name for f in fields(cls)} - {"extra", "rope_scaling", "rope_theta"}
+        _check_keys(src, known, where)
         kwargs: dict[str, Any] = {k: src[k] for k in known if k in src}
         # rope: transformers 4 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters
         # (which carries rope_theta and both `type` and `rope_type`).
@@ -204,7 +213,10 @@ class ModelConfig:
                              ("first_k_dense_replace", 0), ("n_shared_experts", 0)):
             if kwargs.get(key, 0) is None:
                 kwargs[key] = default
-        cfg = cls(**kwargs)
+        try:
+            cfg = cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}" if isinstance(where, Path) else str(e)) from None
         cfg.extra = {k: v for k, v in src.items() if k not in known and k not in _NOT_EXTRA}
         cfg.extra["__key_order__"] = list(src)
         return cfg
@@ -247,6 +259,42 @@ class ModelConfig:
 
 
 _NOT_EXTRA = ("rope_theta", "rope_scaling", "num_mtp_layers")
+
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "dict": dict, "list[int]": list,
+          "None": type(None)}
+_TYPE_NAMES = {"int": "an int", "float": "a number", "str": "a string", "bool": "true/false", "dict": "an object",
+               "list[int]": "a list of ints", "None": "null"}
+
+
+def _is_a(value: Any, kind: str) -> bool:
+    if isinstance(value, bool) and kind in ("int", "float"):  # JSON true is not a size
+        return False
+    return isinstance(value, _TYPES[kind])
+
+
+# Shape keys every K2 / DeepSeek-V3 / Moonlight / transformers config.json writes. A file without one would get
+# K2's default (a 7168-wide, 61-layer model), so their absence is an error rather than a silent fill-in.
+REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                    "n_routed_experts", "num_experts_per_tok")
+
+
+def _check_keys(src: dict, known: set[str], where: Any) -> None:
+    """Missing shape keys are an error; an unknown key close to a missing field (a typo: `hidden_sise`) is
+    named. Other unknown keys (architectures, torch_dtype, auto_map, quantization_config, ...) are fine."""
+    unknown = [k for k in src if k not in known and k not in _NOT_EXTRA]
+    typos = {}
+    for name in sorted(known - set(src)):
+        close = difflib.get_close_matches(name, unknown, n=1, cutoff=0.85)
+        if close:
+            typos[name] = close[0]
+    hint = "".join(f"; {typos[k]!r} looks like a typo of {k!r}" for k in typos)
+    missing = [k for k in REQUIRED_HF_KEYS if k not in src]
+    if missing:
+        raise ConfigError(f"{where}: missing {', '.join(missing)} (needed to size the model; the defaults are "
+                          f"Kimi K2's full size){hint}")
+    if typos:
+        warnings.warn(f"{where}: unknown keys ignored{hint}", stacklevel=3)
 
 # --------------------------------------------------------------------------------------------------
 # presets

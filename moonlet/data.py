@@ -83,16 +83,25 @@ def write_dataset(out: Path, splits: dict[str, Iterable[tuple[list[int], list[in
                   with_mask: bool, info: dict) -> dict:
     """Write every split into a temporary directory and rename it into place, so a crash never leaves a
     data directory that looks complete."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file, not a data directory")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     meta = {"format": FORMAT, "vocab_size": vocab_size, "dtype": "uint16" if vocab_size <= 65536 else "uint32",
             "mask": with_mask, "splits": {}, **info}
-    for split, items in splits.items():
-        w = ShardWriter(tmp, split, vocab_size, with_mask)
-        for ids, mask in items:
-            w.add(ids, mask)
-        meta["splits"][split] = w.close()
+    try:
+        for split, items in splits.items():
+            w = ShardWriter(tmp, split, vocab_size, with_mask)
+            for ids, mask in items:
+                w.add(ids, mask)
+            meta["splits"][split] = w.close()
+        if not meta["splits"]["train"]["tokens"]:
+            raise DataError(f"{info.get('source', out)}: no training tokens (an empty source, or every document "
+                            "went to the val split)")
+    except BaseException:  # a bad record, Ctrl-C: leave nothing half-written behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -243,11 +252,23 @@ def prepare(source: str | Path = PYTHON_DOCS, out: str | Path = "data/python-doc
     """Tokenize a text corpus (kind="text": every file a document; every val_every-th file goes to "val")
     or SFT conversations (kind="sft": a JSONL file; every val_every-th conversation to "val"). Cached: a
     directory whose meta.json fingerprint matches the sources and tokenizer is reused as is."""
-    from moonlet.tokenizer import load_tokenizer
+    from moonlet.tokenizer import ASSET_DIR, TokenizerError, atomic_write, load_tokenizer
 
     if kind not in ("text", "sft"):
         raise DataError(f"--kind {kind!r}: choose 'text' or 'sft'")
-    tok = load_tokenizer(tokenizer_path)
+    if val_every == 1:
+        raise DataError("--val-every 1 puts every document in the val split, leaving nothing to train on; use 0 "
+                        "(no val split) or N >= 2")
+    try:
+        tok = load_tokenizer(tokenizer_path, strict=True)
+    except (FileNotFoundError, TokenizerError) as e:
+        raise DataError(f"--tokenizer {e}") from e
+    # recorded so that `moonlet train` saves this tokenizer with its checkpoints (generate then finds it)
+    tok_dir = None
+    if tokenizer_path is not None and Path(tokenizer_path).exists():
+        given = Path(tokenizer_path).resolve()
+        given = given.parent if given.is_file() else given
+        tok_dir = None if given == ASSET_DIR.resolve() else str(given)
     out = Path(out)
     files = text_files(source) if kind == "text" else [Path(source)]
     if kind == "sft" and not files[0].is_file():
@@ -257,6 +278,9 @@ def prepare(source: str | Path = PYTHON_DOCS, out: str | Path = "data/python-doc
     if not force and meta_file.is_file():
         meta = json.loads(meta_file.read_text())
         if meta.get("fingerprint") == fp:
+            if "tokenizer_dir" not in meta:  # made before moonlet recorded it
+                meta["tokenizer_dir"] = tok_dir
+                atomic_write(meta_file, json.dumps(meta, indent=2) + "\n")
             return {**meta, "cached": True}
     if kind == "text":
         train_files = [f for i, f in enumerate(files) if val_every <= 0 or i % val_every != val_every - 1]
@@ -266,7 +290,8 @@ def prepare(source: str | Path = PYTHON_DOCS, out: str | Path = "data/python-doc
         examples = list(sft_examples(files[0], tok))
         splits = {"train": [e for i, e in enumerate(examples) if val_every <= 0 or i % val_every != val_every - 1],
                   "val": [e for i, e in enumerate(examples) if val_every > 0 and i % val_every == val_every - 1]}
-    info = {"source": str(source), "kind": kind, "files": len(files), "tokenizer": tok.name, "fingerprint": fp}
+    info = {"source": str(source), "kind": kind, "files": len(files), "tokenizer": tok.name, "tokenizer_dir": tok_dir,
+            "fingerprint": fp}
     meta = write_dataset(out, splits, tok.vocab_size, kind == "sft", info)
     return {**meta, "cached": False}
 
@@ -293,6 +318,9 @@ def cli_data(argv: list[str]) -> int:
     except DataError as e:
         print(f"moonlet data: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("moonlet data: interrupted (nothing written)", file=sys.stderr)
+        return 130
     summary = {"out": str(args.out), "cached": meta["cached"], "kind": meta["kind"], "files": meta["files"],
                **{f"{s}_tokens": v["tokens"] for s, v in meta["splits"].items()}}
     print(json.dumps(summary) if args.json else "  ".join(f"{k}={v}" for k, v in summary.items()))

@@ -124,13 +124,13 @@ class Tokenizer:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         lines = [f"{base64.b64encode(b).decode()} {r}\n" for b, r in sorted(self.ranks.items(), key=lambda x: x[1])]
-        _atomic_write(path / "tiktoken.model", "".join(lines))
+        atomic_write(path / "tiktoken.model", "".join(lines))
         named = {str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
                           "single_word": False, "special": True}
                  for s, i in sorted(self.special.items(), key=lambda x: x[1]) if s != reserved_name(i)}
         config = {"added_tokens_decoder": named, "bos_token": "[BOS]", "eos_token": "[EOS]",
                   "pad_token": "[PAD]", "model_max_length": 1048576, "tokenizer_class": "TikTokenTokenizer"}
-        _atomic_write(path / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write(path / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
 
     # --- encode / decode ----------------------------------------------------------------------------
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
@@ -194,7 +194,8 @@ def read_ranks(path: str | os.PathLike) -> dict[bytes, int]:
     return ranks
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write a text file so that a crash leaves the old file or the new one, never half of one (tmp + rename)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -208,21 +209,31 @@ def _load_dir_cached(path: str) -> Tokenizer:
     return Tokenizer.from_dir(path)
 
 
-def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
+def load_tokenizer(path: str | os.PathLike | None = None, strict: bool = False) -> Tokenizer:
     """The tokenizer of a checkpoint directory (one holding tiktoken.model), else moonlet's default.
 
-    None, a preset name, or a checkpoint directory without tokenizer files give the shipped default
-    (cached), so every command works without a download. A path that does not exist is an error.
+    None, a model preset name, or (unless `strict`) a checkpoint directory without tokenizer files give the
+    shipped default (cached), so every command works without a download. Anything else is an error: a path
+    that does not exist, a name that is no preset (a mistyped directory), and with `strict` (an explicit
+    --tokenizer) a directory without tiktoken.model.
     """
-    if path is None:
+    from moonlet.config import PRESETS
+
+    if path is None or str(path) in PRESETS:
         return _load_dir_cached(str(ASSET_DIR))
     p = Path(path)
     if p.is_file() and p.name == "tiktoken.model":
         p = p.parent
     if p.is_dir():
-        return _load_dir_cached(str(p.resolve())) if (p / "tiktoken.model").is_file() else load_tokenizer(None)
-    if os.sep not in str(path) and "/" not in str(path):  # a preset name such as "nano"
+        if (p / "tiktoken.model").is_file():
+            return _load_dir_cached(str(p.resolve()))
+        if strict:
+            raise TokenizerError(f"{path}: not a tokenizer directory (no tiktoken.model); make one with "
+                                 "`moonlet tokenizer train`")
         return load_tokenizer(None)
+    if os.sep not in str(path) and "/" not in str(path):
+        raise TokenizerError(f"{path!r}: no such tokenizer directory, and not a model preset "
+                             f"({', '.join(PRESETS)}); omit it for moonlet's default tokenizer")
     raise FileNotFoundError(f"{path}: no such tokenizer or checkpoint directory")
 
 
@@ -333,7 +344,11 @@ def cli_tokenizer(argv: list[str]) -> int:
                   file=sys.stderr)
         print(json.dumps(summary) if args.json else f"saved {tok!r} to {args.out} in {summary['seconds']} s")
         return 0
-    tok = load_tokenizer(args.path)
+    try:
+        tok = load_tokenizer(args.path, strict=True)
+    except (FileNotFoundError, TokenizerError) as e:
+        print(f"moonlet tokenizer info: {e}", file=sys.stderr)
+        return 2
     ids = tok.encode(args.text)
     out = {"name": tok.name, "ranks": tok.n_ranks, "vocab_size": tok.vocab_size,
            "im_end_id": tok.im_end_id, "text": args.text, "ids": ids,

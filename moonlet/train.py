@@ -1,7 +1,7 @@
 """One training loop for pretraining and SFT: MuonClip (moonlet.optim), aux-loss-free balancing, warmup +
 WSD / cosine schedule, gradient accumulation, data parallel, periodic eval, atomic checkpoints with exact
-resume, metrics.jsonl and a progress bar. Plots, the MuonClip experiment and the training benchmark live in
-moonlet.train_reports.
+resume, metrics.jsonl and a progress bar. The run directory (checkpoints, the resume check, metrics) is
+moonlet.runs; plots, the MuonClip experiment and the training benchmark live in moonlet.train_reports.
 
 Exact resume: the data order is a pure function of (seed, sequence index), the schedule of the step, and a
 checkpoint holds fp32 weights (+ router biases), the optimizer state, the data position and every RNG
@@ -20,21 +20,28 @@ import dataclasses
 import json
 import math
 import os
-import random
-import shutil
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from moonlet import optim
-from moonlet.config import ModelConfig
+from moonlet.config import ConfigError, ModelConfig
+from moonlet.runs import (
+    RUNTIME_FIELDS,
+    ResumeError,
+    latest_checkpoint,
+    load_train_state,
+    read_metrics_file,
+    resume_changes,
+    save_checkpoint,
+    set_rng_state,
+)
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 
@@ -119,21 +126,6 @@ def model_config(spec: str) -> ModelConfig:
     return ModelConfig.from_preset(spec)
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
     """SUM the gradients over ranks in one flat buffer (missing grads count as zeros)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -144,42 +136,11 @@ def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def save_checkpoint(run: Path, step: int, model, opt, tc: TrainConfig, data_position: int, keep: int) -> Path:
-    """Write checkpoints/step_N.tmp (HF model dir + train_state.pt), rename it, then point `latest` at it."""
-    from moonlet import checkpoint
-
-    root = run / "checkpoints"
-    final = root / f"step_{step:07d}"
-    tmp = root / f"step_{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    checkpoint.save(model, tmp)
-    state = {"step": step, "data_position": data_position, "optimizer": opt.state_dict(), "rng": rng_state(),
-             "train_config": dataclasses.asdict(tc)}
-    torch.save(state, tmp / "train_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    latest_tmp = root / "latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, root / "latest")
-    for old in sorted(root.glob("step_???????"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(run: Path) -> Path | None:
-    pointer = run / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = run / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "train_state.pt").is_file() else None
-
-
-# ------------------------------------------------------------------------------------------------------
 # the loop
+
+
+class TrainError(RuntimeError):
+    """Training cannot go on (a non-finite loss)."""
 
 
 class Stop:
@@ -216,6 +177,7 @@ def build_model(tc: TrainConfig, device: torch.device):
 
     if tc.init:
         model = checkpoint.load(tc.init, device=device, dtype=torch.float32)
+        dense_experts(model)
     else:
         model = checkpoint.build(model_config(tc.model), device=device, dtype=torch.float32)
         model.init_weights(seed=tc.seed)
@@ -228,6 +190,42 @@ def build_model(tc: TrainConfig, device: torch.device):
             raise SystemExit(f"moonlet train --qat {tc.qat!r}: only 'int4' is supported")
         enable_qat(model)
     return model
+
+
+@torch.no_grad()
+def dense_experts(model) -> int:
+    """INT4-packed routed experts (a `moonlet quantize` checkpoint) -> trainable fp32 Experts holding their
+    dequantized weights, so SFT trains them and --qat int4 applies; the config drops its compressed-tensors
+    quantization_config, so the run's checkpoints are plain ones. Returns the layers converted."""
+    from moonlet.model import Experts
+    from moonlet.quant import PROJS, Int4Experts
+
+    n = 0
+    for moe in model.moe_layers():
+        if isinstance(moe.experts, Int4Experts):
+            dense = Experts(model.cfg).to(moe.gate.weight.device)
+            for proj in PROJS:
+                getattr(dense, proj).copy_(moe.experts.dequantized(proj, torch.float32))
+            moe.experts, n = dense, n + 1
+    if n or (model.cfg.quantization_config or {}).get("quant_method") == "compressed-tensors":
+        model.cfg.extra.pop("quantization_config", None)
+    return n
+
+
+def check_fits(tc: TrainConfig, cfg: ModelConfig, data) -> None:
+    """Errors before training rather than an IndexError in F.embedding or positions past the rope's range."""
+    from moonlet.data import DataError
+
+    if data.shards.meta["vocab_size"] > cfg.vocab_size:
+        raise DataError(f"{tc.data}: token ids go up to {data.shards.meta['vocab_size'] - 1} (tokenizer "
+                        f"{data.shards.meta.get('tokenizer')!r}, vocab_size {data.shards.meta['vocab_size']}), but "
+                        f"the model's vocab_size is {cfg.vocab_size}: prepare the data with the model's tokenizer, "
+                        "or use a model whose vocab_size covers the data's")
+    # max_position_embeddings already includes a YaRN extension (K2: 4096 x 64 = 262144), so longer is beyond
+    # every position the model was built for
+    if tc.seq_len > cfg.max_position_embeddings:
+        raise ConfigError(f"--seq-len {tc.seq_len} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
 
 
 @torch.no_grad()
@@ -258,14 +256,22 @@ def train(tc: TrainConfig) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     run = Path(tc.out)
+    ckpt = latest_checkpoint(run)
+    state = load_train_state(ckpt) if ckpt is not None else None
+    if state is not None:  # before building anything: another model or optimizer would not even load
+        changed = resume_changes(tc, state["train_config"], run)
+        if rank == 0:
+            note = "".join(f", {k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            print(f"moonlet train: resuming {run} at step {state['step']}{note}", file=sys.stderr)
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    data = PackedData(tc.data, tc.seq_len, "train", seed=tc.seed)
     torch.manual_seed(tc.seed)
     model = build_model(tc, device)
     cfg = model.cfg
+    check_fits(tc, cfg, data)
     opt = optim.build_optimizer(model, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay,
                                 ns_dtype=getattr(torch, tc.ns_dtype))
-    data = PackedData(tc.data, tc.seq_len, "train", seed=tc.seed)
     val = None
     if tc.eval_every:
         try:
@@ -273,22 +279,23 @@ def train(tc: TrainConfig) -> dict:
         except Exception as e:  # noqa: BLE001  (a tiny corpus may have no val split)
             print(f"moonlet train: no eval ({e})", file=sys.stderr)
     step, position = 0, 0
-    ckpt = latest_checkpoint(run)
-    if ckpt is not None:
+    if state is not None:
         from moonlet import checkpoint
 
         checkpoint.load_weights(model, ckpt)
-        state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         step, position = state["step"], state["data_position"]
+    tokenizer_dir = data.shards.meta.get("tokenizer_dir")
     if rank == 0:
+        from moonlet.tokenizer import atomic_write
+
         run.mkdir(parents=True, exist_ok=True)
-        (run / "train_config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2) + "\n")
+        atomic_write(run / "train_config.json", json.dumps(dataclasses.asdict(tc), indent=2) + "\n")
         metrics_file = run / "metrics.jsonl"
-        if metrics_file.exists():  # drop records past the checkpoint we resume from
-            kept = [ln for ln in metrics_file.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-            metrics_file.write_text("".join(ln + "\n" for ln in kept))
+        if metrics_file.exists():  # drop records past the checkpoint we resume from (and a torn last line)
+            kept = [r for r in read_metrics_file(metrics_file) if r["step"] <= step]
+            atomic_write(metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
         metrics = open(metrics_file, "a")
     optim.track_max_logits(model)  # QK-Clip needs them; with --no-qk-clip they are still measured
     balancer = optim.RouterBalancer(model, tc.bias_update)
@@ -332,6 +339,10 @@ def train(tc: TrainConfig) -> dict:
                 allreduce_grads(params)
                 dist.all_reduce(loss_sum)
             gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            if not (math.isfinite(float(loss_sum)) and math.isfinite(float(gnorm))):  # before NaN reaches weights
+                raise TrainError(f"step {step + 1}: loss {float(loss_sum) / max(float(n_tgt), 1.0)}, grad norm "
+                                 f"{float(gnorm)}; stopped before updating the weights (the last checkpoint, if "
+                                 "any, is intact: resume from it with a lower --lr, or check the data)")
             opt.step()
             opt.zero_grad(set_to_none=True)
             rec = {"step": step + 1, "loss": float(loss_sum) / max(float(n_tgt), 1.0), "lr": opt.param_groups[0]["lr"],
@@ -367,7 +378,7 @@ def train(tc: TrainConfig) -> dict:
             stopped = int(flag) or None
             if (tc.save_every and step % tc.save_every == 0) or step == end or stopped:
                 if rank == 0:
-                    save_checkpoint(run, step, model, opt, tc, position, tc.keep)
+                    save_checkpoint(run, step, model, opt, tc, position, tc.keep, tokenizer_dir)
                 if world > 1:
                     dist.barrier()
             if stopped:
@@ -383,6 +394,33 @@ def train(tc: TrainConfig) -> dict:
 # CLI: moonlet train
 
 
+def _int(lo: int):
+    """argparse type: an int >= lo."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def _float(lo: float, hi: float | None = None, open_lo: bool = False):
+    """argparse type: a finite float in [lo, hi] (or (lo, hi] with open_lo)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v) or v < lo or (open_lo and v == lo) or (hi is not None and v > hi):
+            want = f"{'>' if open_lo else '>='} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
+            raise argparse.ArgumentTypeError(f"must be a finite number {want}, got {text}")
+        return v
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     ap = argparse.ArgumentParser(
@@ -395,74 +433,94 @@ def _parser() -> argparse.ArgumentParser:
     a("--init", default=None, help="start from this checkpoint's weights (SFT); default: random init")
     a("--data", default=d.data, help="data directory from `moonlet data prepare` (text or SFT) (default: %(default)s)")
     a("--out", default=d.out, help="run directory: metrics.jsonl, checkpoints/ (default: %(default)s)")
-    a("--resume", action="store_true", help="require a checkpoint in --out and continue from it exactly")
-    a("--steps", type=int, default=d.steps, help="total optimizer steps (default: %(default)s)")
-    a("--stop-at", type=int, default=None, help="checkpoint and exit after this step; resume later (the schedule "
+    a("--resume", action="store_true", help="require a checkpoint in --out and continue from it exactly. Any resume "
+      "takes the options not given from the checkpoint's config and refuses given ones that change the run "
+      "(model, init, data, optimizer, qat, seq-len, micro-batch, grad-accum, seed, ns-dtype); schedule options "
+      "(steps, stop-at, save-every, eval-every, keep, lr, ...) may change")
+    a("--steps", type=_int(1), default=d.steps, help="total optimizer steps (default: %(default)s)")
+    a("--stop-at", type=_int(1), default=None, help="checkpoint and exit after this step; resume later (the schedule "
       "still spans --steps)")
-    a("--seq-len", type=int, default=d.seq_len, help="tokens per sequence (default: %(default)s)")
-    a("--micro-batch", type=int, default=d.micro_batch, help="sequences per forward per rank (default: %(default)s)")
-    a("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step; global batch = micro-batch x "
+    a("--seq-len", type=_int(1), default=d.seq_len, help="tokens per sequence (default: %(default)s)")
+    a("--micro-batch", type=_int(1), default=d.micro_batch, help="sequences per forward per rank (default: %(default)s)")
+    a("--grad-accum", type=_int(1), default=d.grad_accum, help="micro-batches per step; global batch = micro-batch x "
       "grad-accum x ranks (default: %(default)s)")
     a("--optimizer", choices=["muon", "adamw"], default=d.optimizer, help="muon: Muon for hidden matrices + AdamW for "
       "embeddings/head/norms; adamw: AdamW everywhere (default: %(default)s)")
-    a("--lr", type=float, default=d.lr, help="peak learning rate, shared by Muon (RMS-matched) and AdamW "
+    a("--lr", type=_float(0, open_lo=True), default=d.lr, help="peak learning rate, shared by Muon (RMS-matched) and AdamW "
       "(default: %(default)s)")
-    a("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay (not on norms/biases) "
+    a("--weight-decay", type=_float(0), default=d.weight_decay, help="decoupled weight decay (not on norms/biases) "
       "(default: %(default)s)")
-    a("--warmup", type=int, default=d.warmup, help="linear warmup steps (default: %(default)s)")
+    a("--warmup", type=_int(0), default=d.warmup, help="linear warmup steps; 0 = none (default: %(default)s)")
     a("--schedule", choices=["wsd", "cosine", "constant"], default=d.schedule, help="after warmup: warmup-stable-decay, "
       "cosine, or constant (default: %(default)s)")
-    a("--decay-frac", type=float, default=d.decay_frac, help="WSD: fraction of steps in the final linear decay "
+    a("--decay-frac", type=_float(0, 1), default=d.decay_frac, help="WSD: fraction of steps in the final linear decay "
       "(default: %(default)s)")
-    a("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr (default: %(default)s)")
-    a("--grad-clip", type=float, default=d.grad_clip, help="max global grad norm, 0 = off (default: %(default)s)")
-    a("--qk-clip-tau", type=float, default=d.qk_clip_tau, help="QK-Clip threshold tau; heads whose max logit exceeds "
+    a("--min-lr-ratio", type=_float(0, 1), default=d.min_lr_ratio, help="final lr / peak lr (default: %(default)s)")
+    a("--grad-clip", type=_float(0), default=d.grad_clip, help="max global grad norm, 0 = off (default: %(default)s)")
+    a("--qk-clip-tau", type=_float(0, open_lo=True), default=d.qk_clip_tau, help="QK-Clip threshold tau; heads whose max logit exceeds "
       "it are rescaled after each step (default: %(default)s)")
     a("--no-qk-clip", action="store_true", help="vanilla Muon: measure max logits but never clip")
-    a("--bias-update", type=float, default=d.bias_update, help="aux-loss-free balancing speed u; 0 = off "
+    a("--bias-update", type=_float(0), default=d.bias_update, help="aux-loss-free balancing speed u; 0 = off "
       "(default: %(default)s)")
-    a("--aux-loss-alpha", type=float, default=d.aux_loss_alpha, help="sequence-wise balance loss weight "
+    a("--aux-loss-alpha", type=_float(0), default=d.aux_loss_alpha, help="sequence-wise balance loss weight "
       "(DeepSeek-V3: ~1e-4); 0 = off (default: %(default)s)")
-    a("--eval-every", type=int, default=d.eval_every, help="eval loss on the val split every N steps; 0 = off")
-    a("--eval-batches", type=int, default=d.eval_batches, help="micro-batches per eval (default: %(default)s)")
-    a("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (always at the end and on "
+    a("--eval-every", type=_int(0), default=d.eval_every, help="eval loss on the val split every N steps; 0 = off")
+    a("--eval-batches", type=_int(1), default=d.eval_batches, help="micro-batches per eval (default: %(default)s)")
+    a("--save-every", type=_int(0), default=d.save_every, help="checkpoint every N steps (always at the end and on "
       "SIGINT/SIGTERM); 0 = only then")
-    a("--keep", type=int, default=d.keep, help="checkpoints to keep (default: %(default)s)")
-    a("--seed", type=int, default=d.seed, help="init and data-order seed (default: %(default)s)")
+    a("--keep", type=_int(0), default=d.keep, help="checkpoints to keep; 0 = all (default: %(default)s)")
+    a("--seed", type=_int(0), default=d.seed, help="init and data-order seed (default: %(default)s)")
     a("--ns-dtype", choices=["bfloat16", "float32"], default=d.ns_dtype, help="Newton-Schulz precision "
       "(default: %(default)s)")
     a("--compile", action="store_true", help="torch.compile the model (GPU)")
     a("--qat", choices=["int4"], default=None, help="quantization-aware training of the routed experts "
       "(moonlet.quant.enable_qat: INT4 g32 fake-quant with STE)")
-    a("--peak-tflops", type=float, default=None, help="peak FLOP/s of the device for MFU (auto on known GPUs)")
-    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    a("--peak-tflops", type=_float(0, open_lo=True), default=None, help="peak FLOP/s of the device for MFU (auto on known GPUs)")
+    a("--threads", type=_int(1), default=None, help="torch CPU threads (default: torch's choice)")
     a("--no-progress", action="store_true", help="no progress bar")
     a("--json", action="store_true", help="print a JSON summary as the last line")
     return ap
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def given_options(argv: list[str]) -> set[str]:
+    """The TrainConfig fields the command line sets (argv parsed again with every default suppressed)."""
+    ap = _parser()
+    for action in ap._actions:  # (set_defaults would also put SUPPRESS into the namespace)
+        action.default = argparse.SUPPRESS
+    given = set(vars(ap.parse_args(argv)))
+    return {"qk_clip_tau" if g == "no_qk_clip" else "progress" if g == "no_progress" else g for g in given}
+
+
+def config_from_args(args: argparse.Namespace, given: set[str] | None = None, saved: dict | None = None) -> TrainConfig:
+    """The run's TrainConfig; on a resume (`saved`: the checkpoint's config) options not `given` on the command
+    line take the saved values, so `moonlet train --out RUN --resume` continues the run as it was configured."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     tc = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     if args.no_qk_clip:
         tc.qk_clip_tau = None
     tc.progress = not args.no_progress
+    for k, v in (saved or {}).items():  # (stop_at belongs to the invocation that stopped: a resume goes on)
+        if k in names and k not in (given or set()) and k not in (*RUNTIME_FIELDS, "stop_at"):
+            setattr(tc, k, v)
     return tc
 
 
 def cli_train(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    tc = config_from_args(args)
-    if args.resume and latest_checkpoint(Path(tc.out)) is None:
-        print(f"moonlet train --resume: no checkpoint in {tc.out}/checkpoints", file=sys.stderr)
+    ckpt = latest_checkpoint(Path(args.out))
+    if args.resume and ckpt is None:
+        print(f"moonlet train --resume: no checkpoint in {args.out}/checkpoints", file=sys.stderr)
         return 2
+    tc = config_from_args(args, given_options(argv), load_train_state(ckpt)["train_config"] if ckpt else None)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    from moonlet.checkpoint import CheckpointError
     from moonlet.data import DataError
+    from moonlet.quant import QuantError
 
     try:
         out = train(tc)
-    except DataError as e:
+    except (DataError, ConfigError, CheckpointError, QuantError, ResumeError, TrainError) as e:
         print(f"moonlet train: {e}", file=sys.stderr)
         return 2
     finally:

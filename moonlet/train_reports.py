@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from moonlet import optim
 from moonlet.bench import top_kernels
 from moonlet.config import ModelConfig
+from moonlet.runs import RUNTIME_FIELDS, read_metrics_file, saved_train_config
 from moonlet.train import (
     TrainConfig,
     model_config,
@@ -34,11 +37,12 @@ def read_metrics(run: str | Path) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics (is {run} a run directory?)")
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return read_metrics_file(path)
 
 
-def plot_run(run: str | Path) -> list[Path]:
-    """loss.png, max_logits.png (per layer) and expert_load.png (max/mean per MoE layer) in the run dir."""
+def plot_run(run: str | Path, tau: float | None = None) -> list[Path]:
+    """loss.png, max_logits.png (per layer, QK-Clip's tau dashed if given) and expert_load.png (max/mean per
+    MoE layer) in the run dir."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,6 +67,8 @@ def plot_run(run: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         for i in range(len(rows[0][1])):
             ax.plot([s for s, _ in rows], [v[i] for _, v in rows], label=f"layer {i}")
+        if tau is not None and key == "max_logit_per_layer":
+            ax.axhline(tau, color="k", ls="--", lw=1, label=f"tau = {tau:g}")
         ax.set(xlabel="step", ylabel=ylabel, title=f"{run.name}: {ylabel}")
         ax.legend(fontsize=7, ncol=2)
         out.append(_save(fig, run / name))
@@ -89,12 +95,12 @@ def cli_plot(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     try:
         if len(args.runs) == 1:
-            paths = plot_run(args.runs[0])
+            paths = plot_run(args.runs[0], tau=args.tau)
         else:
             names = [Path(r).name for r in args.runs]
             labels = names if len(set(names)) == len(names) else args.runs
             paths = plot_comparison(dict(zip(labels, args.runs)), args.out, tau=args.tau)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"moonlet plot: {e}", file=sys.stderr)
         return 2
     for p in paths:
@@ -138,6 +144,33 @@ def experiment_runs(out: Path, data: str, steps: int, lr: float, adamw_lr: float
                                              qk_clip_tau=tau, **common)}
 
 
+def fresh_unless_same(tc: TrainConfig, name: str, force: bool = False) -> bool:
+    """Reuse (resume) an earlier sub-run in tc.out only when its saved config is the one built now; otherwise
+    delete it so that it retrains (said on stderr). `force`: retrain anyway (its inputs changed). Returns
+    whether it was reused."""
+    saved = saved_train_config(tc.out)
+    if saved is None and not (Path(tc.out) / "metrics.jsonl").exists():
+        return False
+    now = dataclasses.asdict(tc)
+    diff = {} if saved is None else {k: (saved.get(k), v) for k, v in now.items()
+                                     if k not in RUNTIME_FIELDS and saved.get(k) != v}
+    if saved is not None and not diff and not force:
+        return True
+    why = "its inputs changed" if force else "no checkpoint" if saved is None else ", ".join(
+        f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+    print(f"moonlet experiment: retraining {name} ({why})", file=sys.stderr)
+    shutil.rmtree(tc.out)
+    return False
+
+
+def _model_changed(out: Path, cfg: ModelConfig) -> bool:
+    """Whether OUT/config.json (the sub-runs' --model) differs from `cfg`; then writes cfg there."""
+    path = out / "config.json"
+    changed = path.is_file() and ModelConfig.from_hf(path) != cfg
+    cfg.save(out)
+    return changed
+
+
 def muonclip_experiment(out: Path, data: str, steps: int, lr: float, adamw_lr: float, tau: float, seq_len: int,
                         micro_batch: int, weight_decay: float, seed: int, threads: int | None = 1,
                         progress: bool = True) -> dict:
@@ -145,13 +178,14 @@ def muonclip_experiment(out: Path, data: str, steps: int, lr: float, adamw_lr: f
     clipped), MuonClip (same lr, QK-Clip at tau), and AdamW vs MuonClip at AdamW's lr (Moonlight's RMS
     matching makes the lr carry over); then comparison plots. Finished runs are reused (resume)."""
     out.mkdir(parents=True, exist_ok=True)
-    experiment_config(EXPERIMENT_MODEL, data).save(out)
+    model_changed = _model_changed(out, experiment_config(EXPERIMENT_MODEL, data))
     runs = experiment_runs(out, data, steps, lr, adamw_lr, tau, seq_len, micro_batch, weight_decay, seed, threads,
                            progress)
     summary: dict = {"tau": tau, "steps": steps, "tokens": steps * seq_len * micro_batch, "lr_muon": lr,
                      "lr_adamw": adamw_lr, "model": EXPERIMENT_MODEL}
     for name, tc in runs.items():
-        done = len(read_metrics(tc.out)) if (Path(tc.out) / "metrics.jsonl").is_file() else 0
+        reused = fresh_unless_same(tc, name, force=model_changed)
+        done = len(read_metrics(tc.out)) if reused else 0
         t0, c0 = time.perf_counter(), time.process_time()
         train(tc)
         recs = read_metrics(tc.out)
@@ -235,7 +269,7 @@ def int4_experiment(out: Path, data: str | None, steps: int, stage_steps: int, s
             train_bpe([data_mod.PYTHON_DOCS], vocab_size).save(tok_dir)
         data_mod.prepare(data_mod.PYTHON_DOCS, data, tokenizer_path=str(tok_dir))
     cfg = experiment_config(INT4_EXPERIMENT_MODEL, data)
-    cfg.save(out)
+    model_changed = _model_changed(out, cfg)
     common = dict(model=str(out / "config.json"), data=data, seq_len=seq_len, micro_batch=micro_batch, keep=1,
                   threads=threads, progress=progress)
     summary: dict = {"steps": steps, "stage_steps": stage_steps, "stage_lr": stage_lr, "vocab_size": cfg.vocab_size,
@@ -249,8 +283,12 @@ def int4_experiment(out: Path, data: str | None, steps: int, stage_steps: int, s
         stage = dict(steps=stage_steps, warmup=max(1, stage_steps // 15), lr=stage_lr, init=start, seed=seed, **common)
         runs[f"stage_bf16_s{seed}"] = TrainConfig(out=str(out / f"stage_bf16_s{seed}"), **stage)
         runs[f"stage_qat_s{seed}"] = TrainConfig(out=str(out / f"stage_qat_s{seed}"), qat="int4", **stage)
-        evals = {}
+        evals, base_reused = {}, True
         for name, tc in runs.items():
+            # a stage starts from the bf16 run's weights: a retrained bf16 run retrains its stages
+            reused = fresh_unless_same(tc, name, force=model_changed or (tc.init is not None and not base_reused))
+            if name.startswith("bf16_"):
+                base_reused = reused
             train(tc)  # a finished run resumes from its last checkpoint and stops at once
             model = load(Path(tc.out) / "checkpoints" / f"step_{tc.steps:07d}", dtype=torch.float32).eval()
             full = eval_loss(model, data, seq_len, eval_batches)

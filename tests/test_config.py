@@ -149,3 +149,42 @@ def test_broken_config_json_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="config.json"):
         ModelConfig.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("field,value,why", [
+    ("rms_norm_eps", "1e-6", "must be a number"),
+    ("num_hidden_layers", "2", "must be an int"),
+    ("n_routed_experts", "8", "must be an int"),
+    ("norm_topk_prob", "yes", "must be true/false"),
+    ("hidden_act", 1, "must be a string"),
+    ("q_lora_rank", 1.5, "must be an int or null"),
+])
+def test_field_types_are_checked_before_any_comparison(field, value, why):
+    with pytest.raises(ConfigError, match=rf"ModelConfig\.{field} = .*{why}"):
+        ModelConfig.from_preset("tiny").with_(**{field: value})
+
+
+def test_a_config_file_with_a_wrong_type_names_the_file_and_the_field(tmp_path):
+    bad = {**ModelConfig.from_preset("tiny").to_hf(), "rms_norm_eps": "1e-6"}
+    (tmp_path / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match=r"config\.json: ModelConfig\.rms_norm_eps = '1e-6': must be a number"):
+        ModelConfig.from_hf(tmp_path)
+
+
+def test_missing_shape_keys_are_an_error_naming_them_and_the_likely_typo():
+    tiny = ModelConfig.from_preset("tiny").to_hf()
+    tiny["hidden_sise"] = tiny.pop("hidden_size")
+    del tiny["num_hidden_layers"]
+    with pytest.raises(ConfigError, match=r"missing hidden_size, num_hidden_layers .*'hidden_sise' looks like a "
+                                          r"typo of 'hidden_size'"):
+        ModelConfig.from_hf(tiny)
+
+
+def test_a_typo_of_an_optional_key_warns_and_real_configs_load_silently(recwarn):
+    for real in (K2_CONFIG, DEEPSEEK_V3_CONFIG, MOONLIGHT_CONFIG, transformers5_config()):
+        ModelConfig.from_hf(copy.deepcopy(real))  # architectures, auto_map, torch_dtype, quantization_config, ...
+    assert not recwarn.list
+    tiny = ModelConfig.from_preset("tiny").to_hf()
+    tiny["rope_interleaves"] = tiny.pop("rope_interleave")
+    with pytest.warns(UserWarning, match="'rope_interleaves' looks like a typo of 'rope_interleave'"):
+        ModelConfig.from_hf(tiny)

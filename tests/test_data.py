@@ -146,3 +146,38 @@ def test_cli_data_prepare_prints_a_json_summary(corpus, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["train_tokens"] > 0 and summary["cached"] is False
     assert data.cli_data(["prepare", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_prepare_refuses_data_with_nothing_to_train_on(corpus, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(data.DataError, match="no training tokens"):
+        data.prepare(tmp_path / "empty.jsonl", tmp_path / "e", kind="sft")
+    with pytest.raises(data.DataError, match="--val-every 1 puts every document in the val split"):
+        data.prepare(corpus, tmp_path / "v", val_every=1)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "e.tmp").exists()
+
+
+def test_prepare_into_an_existing_file_is_refused_without_leaving_a_tmp_dir(corpus, tmp_path):
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(data.DataError, match="is a file, not a data directory"):
+        data.prepare(corpus, tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "keep me" and not (tmp_path / "afile.tmp").exists()
+
+
+def test_an_interrupted_write_leaves_nothing_behind(tmp_path):
+    def docs():
+        yield [1, 2, 3], None
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        data.write_dataset(tmp_path / "d", {"train": docs()}, 32768, False, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_with_an_unknown_tokenizer_names_it(corpus, tmp_path, capsys):
+    for bad, why in (("nope", "not a model preset"), (str(tmp_path / "nope"), "no such tokenizer"),
+                     (str(corpus), "no tiktoken.model")):
+        assert data.cli_data(["prepare", "--source", str(corpus), "--out", str(tmp_path / "d"), "--tokenizer", bad]) == 2
+        assert why in capsys.readouterr().err
+    meta = data.prepare(corpus, tmp_path / "d")
+    assert meta["tokenizer_dir"] is None  # moonlet's default: nothing to ship with checkpoints

@@ -194,3 +194,19 @@ def test_cli_tokenizer_train_is_one_command(tmp_path):
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["vocab_size"] == 600 and summary["ranks"] == 344
     assert load_tokenizer(out).vocab_size == 600
+
+
+def test_a_mistyped_tokenizer_name_or_a_directory_without_its_files_is_an_error(tmp_path):
+    with pytest.raises(TokenizerError, match="'tok300': no such tokenizer directory, and not a model preset"):
+        load_tokenizer("tok300")
+    with pytest.raises(TokenizerError, match="no tiktoken.model"):
+        load_tokenizer(tmp_path, strict=True)  # an explicit --tokenizer must be a tokenizer
+
+
+def test_cli_tokenizer_info_reports_an_unknown_tokenizer_in_one_line(tmp_path, capsys):
+    from moonlet.tokenizer import cli_tokenizer
+
+    assert cli_tokenizer(["info", "tok300"]) == 2
+    assert capsys.readouterr().err.startswith("moonlet tokenizer info: 'tok300': no such tokenizer")
+    assert cli_tokenizer(["info", str(tmp_path / "nope")]) == 2
+    assert "no such tokenizer or checkpoint directory" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from moonlet import data
 from moonlet.train import TrainConfig, cli_train, latest_checkpoint, lr_factor, train
@@ -221,3 +222,150 @@ def test_cuda_bf16_autocast_training_learns_and_reports_mfu(corpus, tmp_path):
     assert rec["max_logit"] > 0 and rec["tokens_per_s"] > 0
     if any(gpu in torch.cuda.get_device_name() for gpu in ("H100", "H200")):  # a known peak: MFU is reported
         assert 0 < rec["mfu"] < 1
+
+
+def _cli(corpus, out, *extra):
+    return ["--model", "tiny", "--data", str(corpus), "--out", str(out), "--seq-len", "16", "--micro-batch", "2",
+            "--warmup", "1", "--no-progress", "--threads", "1", *extra]
+
+
+def test_a_resume_takes_the_saved_options_and_refuses_ones_that_change_the_run(corpus, tmp_path, capsys):
+    run = tmp_path / "r"
+    assert cli_train(_cli(corpus, run, "--steps", "3", "--stop-at", "1", "--seed", "3", "--qat", "int4")) == 0
+    assert cli_train(["--out", str(run), "--resume", "--no-progress", "--stop-at", "2"]) == 0  # all from the run
+    saved = json.loads((run / "train_config.json").read_text())
+    assert (saved["qat"], saved["seed"], saved["seq_len"], saved["steps"]) == ("int4", 3, 16, 3)
+    capsys.readouterr()
+    assert cli_train(_cli(corpus, run, "--steps", "3", "--seq-len", "32", "--model", "nano", "--optimizer",
+                          "adamw")) == 2
+    err = capsys.readouterr().err
+    assert "--model: saved 'tiny', given 'nano'" in err and "--seq-len: saved 16, given 32" in err
+    assert "--optimizer: saved 'muon', given 'adamw'" in err and "another --out" in err and "Traceback" not in err
+    assert latest_checkpoint(run).name == "step_0000002"  # nothing was touched
+    assert cli_train(["--out", str(run), "--no-progress", "--steps", "4", "--keep", "1"]) == 0  # automatic resume
+    assert "steps 3 -> 4" in capsys.readouterr().err and latest_checkpoint(run).name == "step_0000004"
+
+
+def test_train_refuses_to_resume_a_qat_run_without_qat(corpus, tmp_path):
+    from moonlet.runs import ResumeError
+
+    train(tc(corpus, tmp_path / "q", steps=2, stop_at=1, qat="int4", grad_accum=1))
+    with pytest.raises(ResumeError, match="--qat: saved 'int4', given None"):
+        train(tc(corpus, tmp_path / "q", steps=2, grad_accum=1))
+
+
+def test_an_experiment_retrains_a_sub_run_whose_config_changed(corpus, tmp_path, capsys):
+    from moonlet.train_reports import fresh_unless_same
+
+    done = tc(corpus, tmp_path / "arm", steps=2, grad_accum=1)
+    train(done)
+    assert fresh_unless_same(done, "arm") is True  # the same config: reused
+    assert fresh_unless_same(TrainConfig(**{**vars(done), "lr": 1e-3}), "arm") is False
+    assert "retraining arm (lr 0.01 -> 0.001)" in capsys.readouterr().err and not (tmp_path / "arm").exists()
+
+
+def test_init_from_an_int4_checkpoint_trains_dequantized_experts_and_qat_applies(corpus, tmp_path):
+    from moonlet import checkpoint
+    from moonlet.quant import Int4Experts, quantize_checkpoint
+
+    train(tc(corpus, tmp_path / "base", steps=1, grad_accum=1))
+    quantize_checkpoint(tmp_path / "base/checkpoints/step_0000001", tmp_path / "int4")
+    train(tc(corpus, tmp_path / "sft", steps=2, grad_accum=1, init=str(tmp_path / "int4"), qat="int4"))
+    before = checkpoint.load(tmp_path / "int4").moe_layers()[0].experts
+    after_dir = tmp_path / "sft/checkpoints/step_0000002"
+    after = checkpoint.load(after_dir).moe_layers()[0].experts
+    assert isinstance(before, Int4Experts) and not isinstance(after, Int4Experts)  # a plain checkpoint
+    assert "quantization_config" not in json.loads((after_dir / "config.json").read_text())
+    assert not torch.equal(before.dequantized("gate_proj", torch.float32), after.gate_proj)  # the experts trained
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "nosuchpreset"], "unknown preset 'nosuchpreset'"),
+    (["--model", "nosuch.json"], "nosuch.json: no such config file"),
+    (["--init", "runs/nope"], "'runs/nope' is neither a checkpoint directory nor a preset"),
+])
+def test_config_and_checkpoint_errors_are_one_line(corpus, tmp_path, capsys, args, message):
+    assert cli_train(_cli(corpus, tmp_path / "r", "--steps", "1", *args)) == 2
+    assert message in capsys.readouterr().err
+
+
+def _config(tmp_path, **changes) -> str:
+    from moonlet.config import ModelConfig
+
+    cfg = {**ModelConfig.from_preset("tiny").to_hf(), **changes}
+    (tmp_path / "m.json").write_text(json.dumps(cfg))
+    return str(tmp_path / "m.json")
+
+
+def test_a_config_json_with_a_wrong_type_is_reported_not_raised(corpus, tmp_path, capsys):
+    assert cli_train(_cli(corpus, tmp_path / "r", "--steps", "1", "--model", _config(tmp_path, num_hidden_layers="2"))) == 2
+    assert "ModelConfig.num_hidden_layers = '2': must be an int" in capsys.readouterr().err
+
+
+def test_data_beyond_the_models_vocabulary_or_positions_is_refused_before_training(corpus, tmp_path, capsys):
+    small_vocab = _config(tmp_path, vocab_size=1000, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    assert cli_train(_cli(corpus, tmp_path / "v", "--steps", "1", "--model", small_vocab)) == 2
+    assert "token ids go up to 32767" in capsys.readouterr().err
+    assert cli_train(_cli(corpus, tmp_path / "p", "--steps", "1", "--model",
+                          _config(tmp_path, max_position_embeddings=8))) == 2
+    assert "--seq-len 16 exceeds the model's max_position_embeddings 8" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists() and not (tmp_path / "p").exists()
+
+
+def test_checkpoints_carry_the_tokenizer_the_data_was_prepared_with(tmp_path):
+    from moonlet.config import ModelConfig
+    from moonlet.tokenizer import load_tokenizer, train_bpe
+
+    (tmp_path / "a.txt").write_text(TEXT * 3)
+    train_bpe([tmp_path / "a.txt"], 600).save(tmp_path / "tok")
+    data.prepare(tmp_path / "a.txt", tmp_path / "d", val_every=0, tokenizer_path=str(tmp_path / "tok"))
+    ModelConfig.from_preset("tiny").with_(vocab_size=600).save(tmp_path / "m")
+    train(tc(tmp_path / "d", tmp_path / "r", model=str(tmp_path / "m"), steps=1, grad_accum=1))
+    tok = load_tokenizer(tmp_path / "r/checkpoints/step_0000001")
+    assert tok.vocab_size == 600 and tok.encode(TEXT) == load_tokenizer(tmp_path / "tok").encode(TEXT)
+
+
+def test_a_torn_last_metrics_line_is_dropped_by_resume_and_plot(corpus, tmp_path, capsys):
+    from moonlet.train_reports import cli_plot
+
+    run = tmp_path / "r"
+    train(tc(corpus, run, steps=3, stop_at=2, grad_accum=1))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 9.1, "lr"')
+    assert cli_plot([str(run)]) == 0
+    assert "dropping a torn last line" in capsys.readouterr().err
+    train(tc(corpus, run, steps=3, grad_accum=1))
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+
+
+def test_plot_of_one_run_draws_the_tau_line(corpus, tmp_path):
+    from moonlet.train_reports import cli_plot
+
+    train(tc(corpus, tmp_path / "r", steps=2, grad_accum=1))
+    assert cli_plot([str(tmp_path / "r")]) == 0
+    plain = (tmp_path / "r/max_logits.png").read_bytes()
+    assert cli_plot([str(tmp_path / "r"), "--tau", "0.5"]) == 0
+    assert (tmp_path / "r/max_logits.png").read_bytes() != plain
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--micro-batch", "0", "must be >= 1"), ("--seq-len", "-5", "must be >= 1"), ("--grad-accum", "0", ">= 1"),
+    ("--threads", "-1", ">= 1"), ("--stop-at", "0", ">= 1"), ("--steps", "-3", ">= 1"), ("--warmup", "-2", ">= 0"),
+    ("--eval-every", "-1", ">= 0"), ("--save-every", "-1", ">= 0"), ("--eval-batches", "0", ">= 1"),
+    ("--lr", "nan", "finite number > 0"), ("--lr", "-1", "> 0"), ("--qk-clip-tau", "-1", "> 0"),
+    ("--decay-frac", "1.5", ">= 0 and <= 1"), ("--decay-frac", "-1", ">= 0 and <= 1"), ("--seq-len", "x", "integer"),
+])
+def test_numeric_options_outside_their_range_are_usage_errors(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as e:
+        cli_train(["--out", str(tmp_path / "r"), option, value])
+    assert e.value.code == 2 and f"argument {option}: " in (err := capsys.readouterr().err) and message in err
+
+
+def test_a_non_finite_loss_stops_training_without_checkpointing_it(corpus, tmp_path):
+    from moonlet.train import TrainError
+
+    with pytest.raises(TrainError, match="stopped before updating the weights"):
+        train(tc(corpus, tmp_path / "r", optimizer="adamw", lr=1e30, steps=5, grad_accum=1, save_every=1))
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "r"))
+    ckpt = latest_checkpoint(tmp_path / "r")
+    assert ckpt is None or all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values())
