@@ -130,6 +130,44 @@ def test_tools_given_a_folder_index_it_once_and_again_after_a_change(tmp_path):
     index_for(docs).unlink()  # the cache lives in the temp dir; leave nothing behind
 
 
+def test_a_folder_index_follows_deleted_and_renamed_files(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("alpha zebra")
+    (docs / "b.txt").write_text("beta yak")
+    search, _ = search_tools(docs)
+    assert "[a.txt]" in search({"query": "zebra"})
+    (docs / "a.txt").unlink()
+    (docs / "b.txt").rename(docs / "c.txt")  # a rename keeps the newest mtime as it was
+    search, open_ = search_tools(docs)
+    hits = search({"query": "zebra yak"})
+    assert "[c.txt]" in hits and "a.txt" not in hits and "b.txt" not in hits
+    assert "yak" in open_({"id": "c.txt"})
+    index_for(docs).unlink()
+
+
+def test_latin_documents_keep_their_accents_and_hidden_or_outside_files_stay_out(tmp_path):
+    docs, outside = tmp_path / "docs", tmp_path / "secret.txt"
+    (docs / ".git").mkdir(parents=True)
+    (docs / "menu.txt").write_bytes("le café du coin".encode("cp1252"))
+    (docs / ".git" / "notes.txt").write_text("hidden walrus")
+    outside.write_text("outside walrus")
+    (docs / "link.txt").symlink_to(outside)
+    info = build_index(docs, tmp_path / "i.sqlite")
+    index = Index(tmp_path / "i.sqlite")
+    assert info["docs"] == 1 and [h.id for h in index.search("café")] == ["menu.txt"]
+    assert index.search("walrus") == []
+
+
+def test_cli_index_names_a_bad_out_path_and_leaves_no_temp_file(collection, tmp_path, capsys):
+    docs = collection[0] / "docs"
+    for out in (tmp_path / "no" / "such" / "x.sqlite", tmp_path):
+        assert cli_index([str(docs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "is a directory" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
 def test_a_missing_index_names_the_command_that_builds_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="moonlet index"):
         search_tools(tmp_path / "nope.sqlite")

@@ -67,9 +67,35 @@ class _HTMLText(HTMLParser):
         self.parts.append(data)
 
 
+def decode_text(data: bytes) -> str:
+    """UTF-8, else Windows-1252 (what older "latin" documents mostly are), else Latin-1, which always decodes:
+    replacing undecodable bytes would lose every accented word of such a file from the index."""
+    for encoding in ("utf-8", "cp1252"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            pass
+    return data.decode("latin-1")
+
+
+def document_files(docs_dir: Path) -> list[Path]:
+    """The text/markdown/html files under docs_dir, skipping hidden folders and files (.git, .cache) and links
+    that lead outside docs_dir (a link to /etc/passwd must not become searchable)."""
+    root = docs_dir.resolve()
+    files = []
+    for p in sorted(docs_dir.rglob("*")):
+        rel = p.relative_to(docs_dir)
+        if p.suffix.lower() not in TEXT_EXTS or any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        if p.is_symlink() and not p.resolve().is_relative_to(root):
+            continue
+        files.append(p)
+    return files
+
+
 def read_document(path: Path) -> tuple[str, str]:
     """(title, text) of one file."""
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    raw = decode_text(path.read_bytes())
     kind = TEXT_EXTS[path.suffix.lower()]
     if kind == "html":
         p = _HTMLText()
@@ -92,11 +118,16 @@ def build_index(docs_dir: str | Path, out: str | Path, progress: bool = False) -
     docs_dir, out = Path(docs_dir), Path(out)
     if not docs_dir.is_dir():
         raise FileNotFoundError(f"moonlet index: {docs_dir} is not a directory")
-    files = sorted(p for p in docs_dir.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_EXTS)
+    if out.is_dir():
+        raise IsADirectoryError(f"moonlet index: --out {out} is a directory; give the index file's path")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"moonlet index: --out {out}: folder {out.parent} does not exist")
+    files = document_files(docs_dir)
     t0 = time.time()
     tmp = out.with_name(out.name + f".tmp{os.getpid()}-{threading.get_ident()}")
     tmp.unlink(missing_ok=True)
     db = sqlite3.connect(tmp)
+    ok = False
     try:
         db.executescript(
             "CREATE TABLE docs(id TEXT PRIMARY KEY, title TEXT, body TEXT);"
@@ -116,8 +147,11 @@ def build_index(docs_dir: str | Path, out: str | Path, progress: bool = False) -
             db.execute("INSERT INTO fts(rowid, title, body) VALUES (?, ?, ?)", (cur.lastrowid, title, text))
         db.execute("INSERT INTO fts(fts) VALUES ('optimize')")
         db.commit()
+        ok = True
     finally:
         db.close()
+        if not ok:
+            tmp.unlink(missing_ok=True)
     os.replace(tmp, out)
     return {"docs": len(files), "chars": chars, "index": str(out), "bytes": out.stat().st_size,
             "seconds": round(time.time() - t0, 3)}
@@ -211,10 +245,18 @@ def index_for(docs_dir: str | Path) -> Path:
     import tempfile
 
     docs_dir = Path(docs_dir).resolve()
-    out = Path(tempfile.gettempdir()) / f"moonlet-index-{hashlib.sha1(str(docs_dir).encode()).hexdigest()[:16]}.sqlite"
-    newest = max((p.stat().st_mtime for p in docs_dir.rglob("*") if p.suffix.lower() in TEXT_EXTS), default=0)
-    if not out.exists() or out.stat().st_mtime < newest:
+    files = document_files(docs_dir)
+    # named by the folder and by what is in it (names, sizes, times): any added, changed, renamed or deleted
+    # file gives another name, so the index is rebuilt, and the older ones of this folder are removed
+    contents = hashlib.sha1("\n".join(f"{p.relative_to(docs_dir)}\0{p.stat().st_size}\0{p.stat().st_mtime_ns}"
+                                      for p in files).encode()).hexdigest()[:16]
+    stem = f"moonlet-index-{hashlib.sha1(str(docs_dir).encode()).hexdigest()[:16]}"
+    out = Path(tempfile.gettempdir()) / f"{stem}-{contents}.sqlite"
+    if not out.exists():
         build_index(docs_dir, out)
+        for old in out.parent.glob(f"{stem}-*.sqlite"):
+            if old != out:
+                old.unlink(missing_ok=True)
     return out
 
 
@@ -272,8 +314,8 @@ def cli_index(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     try:
         info = build_index(args.dir, args.out, progress=not args.json)
-    except FileNotFoundError as e:
-        print(e, file=sys.stderr)
+    except (OSError, sqlite3.Error) as e:
+        print(e if str(e).startswith("moonlet index") else f"moonlet index: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(info))
