@@ -1,5 +1,6 @@
 """@tool schemas, argument validation and the calculator."""
 
+import decimal
 import sys
 from typing import Literal
 
@@ -131,6 +132,14 @@ _expr = st.recursive(_int, lambda e: st.tuples(e, st.sampled_from(["+", "-", "*"
 @given(_expr)
 def test_calculator_agrees_with_python_on_integer_arithmetic(expr):
     assert evaluate(expr) == eval(expr)  # the expression is ours, built from digits and + - * only
+
+
+def test_calculator_prints_integers_of_any_size_it_allows():
+    """CPython's str() refuses ints over 4300 digits; the calculator allows up to 100,000 bits."""
+    assert calculator({"expression": "2**20000"}) == str(decimal.Decimal(2**20000))
+    assert len(calculator({"expression": "factorial(5000)"})) == 16326
+    with pytest.raises(ToolError, match=r"too large: \d+\.\.\.\(6021 characters\)"):
+        calculator({"expression": "(2**20000)**10"})
 
 
 def test_default_tools_are_calculator_and_python_plus_search_with_an_index(tmp_path):

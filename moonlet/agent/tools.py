@@ -19,6 +19,7 @@ tool result instead of crashing.
 from __future__ import annotations
 
 import ast
+import decimal
 import inspect
 import json
 import math
@@ -233,7 +234,7 @@ def _eval(node: ast.AST) -> Any:
         a, b = _eval(node.left), _eval(node.right)
         if isinstance(node.op, ast.Pow) and isinstance(a, int) and isinstance(b, int) and abs(a) > 1 \
                 and b * math.log2(abs(a)) > _MAX_BITS:
-            raise ToolError(f"result too large: {a}**{b} has more than {_MAX_BITS} bits")
+            raise ToolError(f"result too large: {_short(_fmt(a))}**{_short(_fmt(b))} has more than {_MAX_BITS} bits")
         out = _BINOPS[type(node.op)](a, b)
         if _big(out):
             raise ToolError(f"result too large (more than {_MAX_BITS} bits)")
@@ -254,7 +255,14 @@ def _fmt(x: Any) -> str:
         return str(x)
     if isinstance(x, float):
         return str(int(x)) if x.is_integer() and abs(x) < 1e16 else format(x, ".15g")
+    if isinstance(x, int):  # str() refuses ints over 4300 digits (CPython's guard against quadratic str());
+        return str(decimal.Decimal(x))  # ours stop at _MAX_BITS, and Decimal prints them in linear time
     return str(x)
+
+
+def _short(text: str, n: int = 120) -> str:
+    """An operand or an expression as an error message shows it: a 30,000-digit number is not a message."""
+    return text if len(text) <= n else f"{text[: n // 2]}...({len(text)} characters)...{text[-n // 4:]}"
 
 
 def evaluate(expression: str) -> Any:
@@ -263,12 +271,12 @@ def evaluate(expression: str) -> Any:
         raise ToolError("expression too long (max 10000 characters)")
     try:
         tree = ast.parse(expression.strip().replace("^", "**"), mode="eval")
-    except SyntaxError as e:
-        raise ToolError(f"cannot parse {expression!r}: {e.msg}") from None
+    except (SyntaxError, ValueError) as e:  # ValueError: an integer literal of over 4300 digits
+        raise ToolError(f"cannot parse {_short(repr(expression))}: {getattr(e, 'msg', e)}") from None
     try:
         return _eval(tree)
     except (ArithmeticError, ValueError, TypeError) as e:
-        raise ToolError(f"cannot evaluate {expression!r}: {type(e).__name__}: {e}") from None
+        raise ToolError(f"cannot evaluate {_short(repr(expression))}: {type(e).__name__}: {e}") from None
 
 
 @tool
