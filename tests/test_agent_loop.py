@@ -281,6 +281,11 @@ def test_eval_command_prints_a_json_summary_and_draws_a_sweep_png(tmp_path):
     s = json.loads(p.stdout.strip().splitlines()[-1])
     assert [pt["value"] for pt in s["sweep"]["steps"]] == [1, 2] and len(s["sweep"]["heavy"]) == 2
     assert open(s["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    runs = [json.loads(x)["run"] for x in (tmp_path / "w.jsonl").read_text().splitlines()]
+    assert sorted(set(runs)) == ["heavy=1", "heavy=2", "steps=1", "steps=2"] and len(runs) == 12
+    for bad in (["--sweep", "steps="], ["--sweep", ";"], ["--sweep", "steps=0,2"], ["--n", "0"]):
+        p = subprocess.run(base + bad, capture_output=True, text=True, timeout=60)
+        assert p.returncode != 0 and "Traceback" not in p.stderr, bad
 
 
 def test_a_failing_backend_ends_the_run_with_an_error_that_can_be_resumed():

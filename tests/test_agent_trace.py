@@ -104,6 +104,9 @@ def test_a_torn_last_line_is_ignored_and_cut_before_appending(tmp_path):
     with open(path, "ab") as f:  # records are UTF-8: a tear can split a character
         f.write('{"type": "turn", "content": "é'.encode()[:-1])
     assert [r["type"] for r in read_trace(path)] == ["start"]
+    path.write_text('[{"content": "a scripted turn file, not a trace"}]\n')
+    with pytest.raises(ValueError, match="record 1 is not a trace record"):
+        read_trace(path)
 
 
 def test_an_interrupted_run_resumes_from_its_trace_without_rerunning_tools(tmp_path, sidefx):

@@ -75,7 +75,10 @@ def make_backend(args: argparse.Namespace) -> tuple[Any, int | None]:
     if sum(x is not None for x in (args.scripted, args.base_url)) > 1:
         raise SystemExit("moonlet: give only one of --scripted, --base-url")
     if args.scripted:
-        return ScriptedBackend.from_file(args.scripted), None
+        try:
+            return ScriptedBackend.from_file(args.scripted), None
+        except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+            raise SystemExit(f"moonlet: --scripted {args.scripted}: {e}") from None
     if args.base_url:
         from moonlet.agent.backends import OpenAIBackend
 
@@ -315,12 +318,13 @@ def evaluate(tasks: list, backend: Any, *, budget: Budget, heavy: int = 1, concu
                           max_thinking_tokens=budget.max_thinking_tokens, temperature=temperature)
             answer, stop, steps, usage = h.answer, h.method, h.steps, h.usage
             calls = sum(r.tool_calls for r in h.results)
+            error = next((r.error for r in h.results if r.error), None)
         else:
             r = mk(0).run(task.question)
-            answer, stop, steps, usage, calls = r.answer, r.stop_reason, r.steps, r.usage, r.tool_calls
-        row = {"id": task.id, "correct": bool(grade(task, answer)), "stop_reason": stop, "steps": steps,
+            answer, stop, steps, usage, calls, error = r.answer, r.stop_reason, r.steps, r.usage, r.tool_calls, r.error
+        row = {"run": label, "id": task.id, "correct": bool(grade(task, answer)), "stop_reason": stop, "steps": steps,
                "tool_calls": calls, **usage, "cost": budget.cost(usage), "wall_s": round(time.monotonic() - t0, 3),
-               "answer": answer[-500:], "expected": task.answer}
+               "answer": answer[-500:], "expected": task.answer, **({"error": error} if error else {})}
         with lock:
             rows.append(row)
             if metrics is not None:
@@ -359,7 +363,11 @@ def parse_sweep(spec: str) -> dict[str, list[int]]:
         try:
             out[name] = [int(v) for v in values.split(",") if v.strip()]
         except ValueError:
-            raise SystemExit(f"moonlet eval: --sweep {part!r}: values must be integers, e.g. steps=1,4,16") from None
+            out[name] = []
+        if not out[name] or min(out[name]) < 1:
+            raise SystemExit(f"moonlet eval: --sweep {part!r}: give integers >= 1, e.g. steps=1,4,16")
+    if not out:
+        raise SystemExit(f"moonlet eval: --sweep {spec!r} names no dial; e.g. 'steps=1,4,16;heavy=1,2'")
     return out
 
 
@@ -405,6 +413,8 @@ def cli_eval(argv: list[str]) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
+    if args.n < 1 or args.concurrency < 1:
+        ap.error("--n and --concurrency must be at least 1")
 
     from moonlet.tasks import make_tasks
 

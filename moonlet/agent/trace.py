@@ -74,6 +74,10 @@ def read_trace(path: str | Path) -> list[dict]:
             if i == len(lines) - 1:  # no newline after it: torn by a crash
                 break
             raise ValueError(f"{path}:{i + 1}: not a JSON record ({e})") from None
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict) or not isinstance(r.get("type"), str)),
+               None)
+    if bad is not None:
+        raise ValueError(f"{path}: record {bad + 1} is not a trace record (an object with a 'type')")
     if not records or records[0].get("type") != "start":
         raise ValueError(f"{path}: a trace starts with a 'start' record")
     return records
@@ -220,9 +224,13 @@ def cli_trace(argv: list[str]) -> int:
         print(f"moonlet trace: {e}", file=sys.stderr)
         return 2
     printer = Printer(max_lines=0 if args.full else 12, color=args.color, show_reasoning=not args.no_reasoning)
-    for r in records:
+    for i, r in enumerate(records, 1):
         if args.traj is None or r.get("traj") == args.traj:
-            printer(r)
+            try:
+                printer(r)
+            except (KeyError, TypeError, AttributeError) as e:  # a hand-edited or foreign record
+                print(f"(record {i}: a malformed {r['type']!r} record, shown raw: {type(e).__name__} {e})\n"
+                      f"{json.dumps(r)[:500]}")
     if records[-1]["type"] not in ("end", "aggregate"):
         print("(trace ends without an 'end' record: the run was interrupted; `moonlet agent --resume "
               f"{args.trace}` continues it)")
