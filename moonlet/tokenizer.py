@@ -330,6 +330,9 @@ def cli_tokenizer(argv: list[str]) -> int:
     info.add_argument("--json", action="store_true", help="print one JSON object last")
     args = ap.parse_args(argv)
     if args.cmd == "train":
+        if Path(args.out).exists() and not Path(args.out).is_dir():  # before minutes of training, not after
+            print(f"moonlet tokenizer train: --out {args.out} is a file; give a directory", file=sys.stderr)
+            return 2
         t0 = time.time()
         try:
             tok = train_bpe(args.input, args.vocab_size, show_progress=not args.json)

@@ -210,3 +210,12 @@ def test_cli_tokenizer_info_reports_an_unknown_tokenizer_in_one_line(tmp_path, c
     assert capsys.readouterr().err.startswith("moonlet tokenizer info: 'tok300': no such tokenizer")
     assert cli_tokenizer(["info", str(tmp_path / "nope")]) == 2
     assert "no such tokenizer or checkpoint directory" in capsys.readouterr().err
+
+
+def test_cli_tokenizer_train_refuses_a_file_as_out_before_training(tmp_path, capsys):
+    from moonlet.tokenizer import cli_tokenizer
+
+    (tmp_path / "a.txt").write_text("some text " * 50)
+    assert cli_tokenizer(["train", "--input", str(tmp_path), "--vocab-size", "600", "--out",
+                          str(tmp_path / "a.txt")]) == 2
+    assert "is a file; give a directory" in capsys.readouterr().err
