@@ -143,6 +143,7 @@ def test_bad_kinds_and_difficulties_are_refused(workdir):
 @pytest.mark.parametrize("said, ok", [
     ("K7-2931", True), ("k7-2931", True), ("  **K7-2931**. ", True), ("The answer is K7-2931", True),
     ("`K7-2931`", True), ("K7-2932", False), ("K7-2931 or K7-2932", False), ("", False),
+    ("**Answer:** K7-2931", True), ("Exact Answer:\nK7-2931", True), ("Exact Answer: K7-2932\nExact Answer: K7-2931", True),
 ])
 def test_grade_is_exact_match_after_normalisation(said, ok):
     task = Task("t", "multihop", "q", "K7-2931", [], 1)
@@ -152,7 +153,7 @@ def test_grade_is_exact_match_after_normalisation(said, ok):
 def test_numbers_compare_by_value_and_thousands_separators_are_ignored():
     task = Task("t", "python", "q", "1234567.50", [], 1)
     assert grade(task, "1,234,567.50") and grade(task, "1234567.5") and not grade(task, "1234567.51")
-    assert normalize("Answer: 12,000") == "12000"
+    assert normalize("Answer: 12,000") == "12000" and grade(Task("t", "python", "q", "1234.5", [], 1), "$1,234.50")
 
 
 def test_browsecomp_format_is_parsed_and_graded_on_the_exact_answer():

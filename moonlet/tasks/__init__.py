@@ -89,8 +89,15 @@ def parse_browsecomp(response: str) -> dict:
     """{"explanation", "exact_answer", "confidence" (0..1)} from a BrowseComp-format response; missing
     fields are None. Tolerates markdown bold and different capitalisation."""
     def field_(name: str) -> str | None:
-        m = re.search(rf"^[ \t>*_#-]*{name}[ \t*_]*:[ \t*_]*(.*?)[ \t*_]*$", response, re.I | re.M)
-        return m.group(1).strip() if m else None
+        """The last such field (a restated answer wins); its value may start on the next line."""
+        found = list(re.finditer(rf"^[ \t>*_#-]*{name}[ \t*_]*:[ \t*_]*(.*?)[ \t*_]*$", response, re.I | re.M))
+        if not found:
+            return None
+        value = found[-1].group(1).strip()
+        if not value:
+            rest = response[found[-1].end():].lstrip("\n").split("\n", 1)[0]
+            value = rest.strip(" \t*_")
+        return value
 
     conf = field_("Confidence")
     num = re.search(r"\d+(?:\.\d+)?", conf or "")
@@ -115,8 +122,9 @@ def final_answer(response: str) -> str:
 def normalize(answer: str) -> str:
     """Lowercase, trim quotes/markdown/trailing dots, collapse spaces, drop thousands separators."""
     s = answer.strip().lower()
-    s = re.sub(r"^(the )?(final )?answer( is)?\s*[:=]?\s*", "", s)
+    s = re.sub(r"^[*_\s]*(the )?(final |exact )?answer( is)?[*_\s]*[:=]?[*_\s]*", "", s)  # **Answer:** 42
     s = s.strip(" \t\n`*_\"'“”‘’.")
+    s = re.sub(r"^[$€£]\s*(?=\d)", "", s)  # $1,234.50 is the number 1234.50
     s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)
     return " ".join(s.split())
 
