@@ -195,6 +195,15 @@ def test_memory_bomb_is_a_tool_error(mode):
             {"code": "chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))"})
 
 
+@isolated
+def test_scripts_can_start_dozens_of_threads_under_the_memory_limit(mode):
+    code = ("import threading\ngo = threading.Event()\n"
+            "def work():\n    bytearray(10**5)\n    go.wait()\n"  # each allocates, and all are alive at once
+            "ts = [threading.Thread(target=work) for _ in range(40)]\n"
+            "[t.start() for t in ts]\ngo.set()\n[t.join() for t in ts]\nprint('ok', len(ts))")
+    assert "ok 40" in make_python_tool(Limits(timeout_s=10, memory_mb=1024), isolation=mode)({"code": code})
+
+
 @pytest.mark.parametrize("mode", [*ISOLATED, "none"])
 def test_infinite_loop_is_killed_at_the_wall_clock_limit(mode):
     t0 = time.monotonic()

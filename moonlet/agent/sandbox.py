@@ -199,7 +199,7 @@ def _diagnose(exit_code: int | None, stderr: str, limits: Limits) -> str | None:
     if exit_code and ("BlockingIOError: [Errno 11]" in tail or "Resource temporarily unavailable" in tail):
         return f"process limit ({limits.max_procs} processes)"
     if exit_code == 128 + signal.SIGKILL:
-        return "killed (SIGKILL), most likely out of memory"
+        return "killed (SIGKILL): out of memory, or the code killed itself"
     return None
 
 
@@ -342,7 +342,9 @@ def _bootstrap(cfg: dict) -> int:
                 os.setuid(uid)
             os.chdir(work)
             env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": work, "TMPDIR": "/tmp" if mode != "none" else work,
-                   "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+                   "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                   # glibc reserves a 64 MB malloc arena per thread: under RLIMIT_AS a 15th thread failed to start
+                   "MALLOC_ARENA_MAX": "2"}
             py = cfg["python"]
             os.execve(py, [py, "-E", "-s", "-u", "main.py"], env)
         except BaseException as e:  # report why the sandbox could not start
