@@ -3,7 +3,9 @@ when it runs, so `moonlet --help` stays fast and optional dependencies stay opti
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -24,6 +26,36 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "experiment": ("moonlet.train_reports:cli_experiment", "reproduce a K2 result at small scale (experiment muonclip|int4)"),
     "quantize": ("moonlet.quant:cli_quantize", "RTN INT4 of the routed experts into K2 Thinking's compressed-tensors format"),
 }
+
+
+# argparse types for the subcommands' numeric options
+
+
+def at_least(lo: int):
+    """argparse type: an int >= lo (bad values are usage errors that name the option)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def number_in(lo: float, hi: float | None = None, open_lo: bool = False):
+    """argparse type: a finite float in [lo, hi] (or (lo, hi] with open_lo)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v) or v < lo or (open_lo and v == lo) or (hi is not None and v > hi):
+            want = f"{'>' if open_lo else '>='} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
+            raise argparse.ArgumentTypeError(f"must be a finite number {want}, got {text}")
+        return v
+    return parse
 
 
 def usage() -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from moonlet.cli import at_least
 from moonlet.config import PRESETS, ModelConfig
 
 INT4_GROUP = 32  # K2: symmetric int4, one bf16 scale per 32 inputs
@@ -152,13 +153,11 @@ def cli_info(argv: list[str]) -> int:
                     "INT4 routed experts, latent KV-cache bytes per token, forward FLOPs per token. Works on the "
                     "real 1T config instantly (the model is built on the meta device).")
     parser.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or an HF checkpoint directory")
-    parser.add_argument("--context", type=int, default=4096, help="context length for attention FLOPs (4096)")
+    parser.add_argument("--context", type=at_least(1), default=4096, help="context length for attention FLOPs (4096)")
     parser.add_argument("--memory", default=None,
                         help="a memory budget such as 80GB or 141GiB: also report how many tokens of context fit")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    if args.context < 1:
-        parser.error(f"--context {args.context}: must be at least 1")
     try:
         report = info(args.model, args.context, parse_bytes(args.memory) if args.memory else None)
     except (ValueError, FileNotFoundError) as e:

@@ -14,6 +14,7 @@ import time
 import torch
 
 import moonlet
+from moonlet.cli import at_least
 from moonlet.engine import Engine, SamplingParams
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -41,8 +42,6 @@ def _device_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
 def _load_model(args: argparse.Namespace):
     """The --threads / --device / --dtype / --model options every command here shares."""
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads {args.threads}: must be at least 1")
         torch.set_num_threads(args.threads)
     device, dtype = _device_dtype(args)
     return moonlet.load(args.model, device=device, dtype=dtype)
@@ -59,7 +58,7 @@ def _common(ap: argparse.ArgumentParser, model_default: str | None = None) -> No
     ap.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on cuda, fp32 on cpu; on cpu, "
                     "bf16 runs INT4 experts in torch's int4 kernel: 3-5x the fp32 fallback for experts the size of the small "
                     "preset's, no gain for tiny ones)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -337,21 +336,20 @@ def cli_bench_decode(argv: list[str]) -> int:
                                  "with achieved GB/s and the HBM-roofline fraction on GPU.")
     _common(ap, "tiny")
     ap.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,16")
-    ap.add_argument("--prompt-len", type=int, default=256, help="random prompt tokens per request (256)")
-    ap.add_argument("--new-tokens", type=int, default=128, help="greedy tokens decoded per request (128)")
+    ap.add_argument("--prompt-len", type=at_least(1), default=256, help="random prompt tokens per request (256)")
+    ap.add_argument("--new-tokens", type=at_least(2), default=128, help="greedy tokens decoded per request (128; "
+                    "decode speed excludes the first)")
     ap.add_argument("--compare", choices=["none", "hf"], default="none", help="hf: also time HF transformers' generate on the same weights in this process")
     ap.add_argument("--quant", default="none", help="none, int4 (moonlet.quant.quantize_model: routed experts "
                     "W4A16), or none,int4: both on the same weights in one run, with int4's speedup over bf16")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: run the decode step eagerly")
     ap.add_argument("--compile", action="store_true", help=COMPILE_HELP + "; compiling happens in the untimed "
                     "warm-up")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side, interleaved; the best counts")
+    ap.add_argument("--repeats", type=at_least(1), default=3, help="timed runs of each side, interleaved; the best counts")
     ap.add_argument("--profile", action="store_true", help="after timing, profile 8 eager decode steps per row: "
                     "the kernels (CPU: ops) that take the time, in the row's \"profile\"")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     args = ap.parse_args(argv)
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats {args.repeats}: must be >= 1")
     quants = args.quant.split(",")
     if any(q not in ("none", "int4") for q in quants) or len(set(quants)) < len(quants):
         ap.error(f"--quant {args.quant!r}: give none, int4 or none,int4")
@@ -363,8 +361,6 @@ def cli_bench_decode(argv: list[str]) -> int:
     if not batches or min(batches) < 1:
         ap.error(f"--batch {args.batch!r}: give batch sizes >= 1, comma-separated (e.g. 1,16)")
     P, N = args.prompt_len, args.new_tokens
-    if P < 1 or N < 2:
-        ap.error("--prompt-len must be >= 1 and --new-tokens >= 2 (decode speed excludes the first token)")
     model = _load_model(args)
     if P + N > model.cfg.max_position_embeddings:
         ap.error(f"--prompt-len {P} + --new-tokens {N} is over the model's context "
@@ -423,13 +419,11 @@ def cli_bench_prefix_cache(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="moonlet bench prefix-cache", description="Time to first token for a "
                                  "prompt whose long prefix is in the prefix cache (hit) vs not (miss).")
     _common(ap, "tiny")
-    ap.add_argument("--prefix-len", type=int, default=2048, help="shared prefix tokens (2048)")
-    ap.add_argument("--suffix-len", type=int, default=32, help="distinct suffix tokens per request (32)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed repetitions; the median is reported (5)")
+    ap.add_argument("--prefix-len", type=at_least(1), default=2048, help="shared prefix tokens (2048)")
+    ap.add_argument("--suffix-len", type=at_least(1), default=32, help="distinct suffix tokens per request (32)")
+    ap.add_argument("--repeats", type=at_least(1), default=5, help="timed repetitions; the median is reported (5)")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     args = ap.parse_args(argv)
-    if args.prefix_len < 1 or args.suffix_len < 1 or args.repeats < 1:
-        ap.error("--prefix-len, --suffix-len and --repeats must be >= 1")
     model = _load_model(args)
     gen = torch.Generator().manual_seed(0)
     V, P, S = model.cfg.vocab_size, args.prefix_len, args.suffix_len

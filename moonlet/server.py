@@ -425,6 +425,7 @@ def make_server(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
 
 
 def cli_serve(argv: list[str]) -> int:
+    from moonlet.cli import at_least
     from moonlet.generate import COMPILE_HELP
 
     p = argparse.ArgumentParser(prog="moonlet serve", description=(
@@ -443,17 +444,14 @@ def cli_serve(argv: list[str]) -> int:
                    "runs INT4 experts in torch's int4 kernel: 3-5x the float32 fallback for experts the size of the "
                    "small preset's, no gain for tiny ones)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    p.add_argument("--max-model-len", type=int, help="context limit in tokens (default: the model's)")
-    p.add_argument("--max-batch-size", type=int, default=64, help="engine slots decoded together")
-    p.add_argument("--default-max-tokens", type=int, default=16384,
+    p.add_argument("--max-model-len", type=at_least(1), help="context limit in tokens (default: the model's)")
+    p.add_argument("--max-batch-size", type=at_least(1), default=64, help="engine slots decoded together")
+    p.add_argument("--default-max-tokens", type=at_least(1), default=16384,
                    help="completion budget when a request sends no max_tokens (reasoning shares it)")
     p.add_argument("--script", help="TESTING AID: replay the K2-format completions in this JSON file instead "
                    "of running the model (exercises tokenizer, parser and SSE; proves no model capability)")
     p.add_argument("--script-delay", type=float, default=0.0, help="seconds between scripted tokens")
     a = p.parse_args(argv)
-    for name in ("max_model_len", "max_batch_size", "default_max_tokens"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     try:
         server = make_server(a.model, a.host, a.port, a.api_key, device=a.device, dtype=a.dtype,
                              max_model_len=a.max_model_len, max_batch_size=a.max_batch_size,

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moonlet import optim
+from moonlet.cli import at_least, number_in
 from moonlet.config import ConfigError, ModelConfig
 from moonlet.runs import (
     RUNTIME_FIELDS,
@@ -394,33 +395,6 @@ def train(tc: TrainConfig) -> dict:
 # CLI: moonlet train
 
 
-def _int(lo: int):
-    """argparse type: an int >= lo."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
-        return v
-    return parse
-
-
-def _float(lo: float, hi: float | None = None, open_lo: bool = False):
-    """argparse type: a finite float in [lo, hi] (or (lo, hi] with open_lo)."""
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(v) or v < lo or (open_lo and v == lo) or (hi is not None and v > hi):
-            want = f"{'>' if open_lo else '>='} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
-            raise argparse.ArgumentTypeError(f"must be a finite number {want}, got {text}")
-        return v
-    return parse
-
-
 def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     ap = argparse.ArgumentParser(
@@ -437,46 +411,46 @@ def _parser() -> argparse.ArgumentParser:
       "takes the options not given from the checkpoint's config and refuses given ones that change the run "
       "(model, init, data, optimizer, qat, seq-len, micro-batch, grad-accum, seed, ns-dtype); schedule options "
       "(steps, stop-at, save-every, eval-every, keep, lr, ...) may change")
-    a("--steps", type=_int(1), default=d.steps, help="total optimizer steps (default: %(default)s)")
-    a("--stop-at", type=_int(1), default=None, help="checkpoint and exit after this step; resume later (the schedule "
+    a("--steps", type=at_least(1), default=d.steps, help="total optimizer steps (default: %(default)s)")
+    a("--stop-at", type=at_least(1), default=None, help="checkpoint and exit after this step; resume later (the schedule "
       "still spans --steps)")
-    a("--seq-len", type=_int(1), default=d.seq_len, help="tokens per sequence (default: %(default)s)")
-    a("--micro-batch", type=_int(1), default=d.micro_batch, help="sequences per forward per rank (default: %(default)s)")
-    a("--grad-accum", type=_int(1), default=d.grad_accum, help="micro-batches per step; global batch = micro-batch x "
+    a("--seq-len", type=at_least(1), default=d.seq_len, help="tokens per sequence (default: %(default)s)")
+    a("--micro-batch", type=at_least(1), default=d.micro_batch, help="sequences per forward per rank (default: %(default)s)")
+    a("--grad-accum", type=at_least(1), default=d.grad_accum, help="micro-batches per step; global batch = micro-batch x "
       "grad-accum x ranks (default: %(default)s)")
     a("--optimizer", choices=["muon", "adamw"], default=d.optimizer, help="muon: Muon for hidden matrices + AdamW for "
       "embeddings/head/norms; adamw: AdamW everywhere (default: %(default)s)")
-    a("--lr", type=_float(0, open_lo=True), default=d.lr, help="peak learning rate, shared by Muon (RMS-matched) and AdamW "
+    a("--lr", type=number_in(0, open_lo=True), default=d.lr, help="peak learning rate, shared by Muon (RMS-matched) and AdamW "
       "(default: %(default)s)")
-    a("--weight-decay", type=_float(0), default=d.weight_decay, help="decoupled weight decay (not on norms/biases) "
+    a("--weight-decay", type=number_in(0), default=d.weight_decay, help="decoupled weight decay (not on norms/biases) "
       "(default: %(default)s)")
-    a("--warmup", type=_int(0), default=d.warmup, help="linear warmup steps; 0 = none (default: %(default)s)")
+    a("--warmup", type=at_least(0), default=d.warmup, help="linear warmup steps; 0 = none (default: %(default)s)")
     a("--schedule", choices=["wsd", "cosine", "constant"], default=d.schedule, help="after warmup: warmup-stable-decay, "
       "cosine, or constant (default: %(default)s)")
-    a("--decay-frac", type=_float(0, 1), default=d.decay_frac, help="WSD: fraction of steps in the final linear decay "
+    a("--decay-frac", type=number_in(0, 1), default=d.decay_frac, help="WSD: fraction of steps in the final linear decay "
       "(default: %(default)s)")
-    a("--min-lr-ratio", type=_float(0, 1), default=d.min_lr_ratio, help="final lr / peak lr (default: %(default)s)")
-    a("--grad-clip", type=_float(0), default=d.grad_clip, help="max global grad norm, 0 = off (default: %(default)s)")
-    a("--qk-clip-tau", type=_float(0, open_lo=True), default=d.qk_clip_tau, help="QK-Clip threshold tau; heads whose max logit exceeds "
+    a("--min-lr-ratio", type=number_in(0, 1), default=d.min_lr_ratio, help="final lr / peak lr (default: %(default)s)")
+    a("--grad-clip", type=number_in(0), default=d.grad_clip, help="max global grad norm, 0 = off (default: %(default)s)")
+    a("--qk-clip-tau", type=number_in(0, open_lo=True), default=d.qk_clip_tau, help="QK-Clip threshold tau; heads whose max logit exceeds "
       "it are rescaled after each step (default: %(default)s)")
     a("--no-qk-clip", action="store_true", help="vanilla Muon: measure max logits but never clip")
-    a("--bias-update", type=_float(0), default=d.bias_update, help="aux-loss-free balancing speed u; 0 = off "
+    a("--bias-update", type=number_in(0), default=d.bias_update, help="aux-loss-free balancing speed u; 0 = off "
       "(default: %(default)s)")
-    a("--aux-loss-alpha", type=_float(0), default=d.aux_loss_alpha, help="sequence-wise balance loss weight "
+    a("--aux-loss-alpha", type=number_in(0), default=d.aux_loss_alpha, help="sequence-wise balance loss weight "
       "(DeepSeek-V3: ~1e-4); 0 = off (default: %(default)s)")
-    a("--eval-every", type=_int(0), default=d.eval_every, help="eval loss on the val split every N steps; 0 = off")
-    a("--eval-batches", type=_int(1), default=d.eval_batches, help="micro-batches per eval (default: %(default)s)")
-    a("--save-every", type=_int(0), default=d.save_every, help="checkpoint every N steps (always at the end and on "
+    a("--eval-every", type=at_least(0), default=d.eval_every, help="eval loss on the val split every N steps; 0 = off")
+    a("--eval-batches", type=at_least(1), default=d.eval_batches, help="micro-batches per eval (default: %(default)s)")
+    a("--save-every", type=at_least(0), default=d.save_every, help="checkpoint every N steps (always at the end and on "
       "SIGINT/SIGTERM); 0 = only then")
-    a("--keep", type=_int(0), default=d.keep, help="checkpoints to keep; 0 = all (default: %(default)s)")
-    a("--seed", type=_int(0), default=d.seed, help="init and data-order seed (default: %(default)s)")
+    a("--keep", type=at_least(0), default=d.keep, help="checkpoints to keep; 0 = all (default: %(default)s)")
+    a("--seed", type=at_least(0), default=d.seed, help="init and data-order seed (default: %(default)s)")
     a("--ns-dtype", choices=["bfloat16", "float32"], default=d.ns_dtype, help="Newton-Schulz precision "
       "(default: %(default)s)")
     a("--compile", action="store_true", help="torch.compile the model (GPU)")
     a("--qat", choices=["int4"], default=None, help="quantization-aware training of the routed experts "
       "(moonlet.quant.enable_qat: INT4 g32 fake-quant with STE)")
-    a("--peak-tflops", type=_float(0, open_lo=True), default=None, help="peak FLOP/s of the device for MFU (auto on known GPUs)")
-    a("--threads", type=_int(1), default=None, help="torch CPU threads (default: torch's choice)")
+    a("--peak-tflops", type=number_in(0, open_lo=True), default=None, help="peak FLOP/s of the device for MFU (auto on known GPUs)")
+    a("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     a("--no-progress", action="store_true", help="no progress bar")
     a("--json", action="store_true", help="print a JSON summary as the last line")
     return ap

@@ -22,6 +22,7 @@ from typing import Any
 from moonlet.agent.backends import ScriptedBackend, empty_usage
 from moonlet.agent.context import token_counter
 from moonlet.agent.loop import Agent, Budget
+from moonlet.cli import at_least
 
 K2_CONTEXT = 262144
 
@@ -401,11 +402,11 @@ def cli_eval(argv: list[str]) -> int:
         "steps, vs reasoning budget, vs heavy N) as a PNG.")
     ap.add_argument("task", help="task kind: multihop (search/open over a generated collection) or python")
     add_backend_args(ap)
-    ap.add_argument("--n", type=int, default=100, help="number of tasks (default: 100)")
+    ap.add_argument("--n", type=at_least(1), default=100, help="number of tasks (default: 100)")
     ap.add_argument("--difficulty", type=int, default=2, help="multihop: lookups needed; python: sizes (default: 2)")
     ap.add_argument("--task-seed", type=int, default=0, help="seed of the task generator (default: 0)")
     ap.add_argument("--workdir", default="runs/tasks", help="where generated collections live (default: runs/tasks)")
-    ap.add_argument("--concurrency", type=int, default=4, help="tasks run at once (default: 4)")
+    ap.add_argument("--concurrency", type=at_least(1), default=4, help="tasks run at once (default: 4)")
     ap.add_argument("--out", default=None, help="per-task JSONL metrics (default: runs/eval/<task>-<time>.jsonl)")
     ap.add_argument("--sweep", nargs="?", const=SWEEP_DEFAULT, default=None, metavar="SPEC",
                     help=f"dials to sweep, e.g. 'steps=1,4,16;heavy=1,2,4' (default: {SWEEP_DEFAULT})")
@@ -413,8 +414,6 @@ def cli_eval(argv: list[str]) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
-    if args.n < 1 or args.concurrency < 1:
-        ap.error("--n and --concurrency must be at least 1")
 
     from moonlet.tasks import make_tasks
 
