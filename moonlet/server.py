@@ -179,7 +179,8 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in (extra or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":  # HEAD: the headers GET would send (health checks, curl -I)
+            self.wfile.write(body)
 
     def _json(self, status: int, obj: dict) -> None:
         self._send(status, json.dumps(obj).encode())
@@ -202,6 +203,9 @@ class Handler(BaseHTTPRequestHandler):
                              "method_not_allowed"))
 
     do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _not_allowed
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]

@@ -119,12 +119,17 @@ def raw_post(base: str, body: bytes, headers: dict | None = None, method: str = 
 
 # ----------------------------------------------------------------------------- plain generation (real model)
 
-def test_a_nul_byte_in_a_static_path_is_a_404(servers):
+def test_a_nul_byte_in_a_static_path_is_a_404_and_head_is_answered(servers):
     u = urlsplit(servers["scripted"])
     with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
         sock.sendall(b"GET /app.js\x00 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         head = sock.recv(4096)
     assert head.startswith(b"HTTP/1.1 404")
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    conn.request("HEAD", "/health")
+    r = conn.getresponse()
+    assert r.status == 200 and int(r.getheader("Content-Length")) > 0 and r.read() == b""
+    conn.close()
 
 
 def test_models_health_and_metrics_endpoints(real, servers):
