@@ -30,7 +30,7 @@ import torch
 from moonlet.costs import tokens_that_fit
 from moonlet.kvcache import Decoder, PrefixCache, prefill
 from moonlet.model import Transformer
-from moonlet.sampling import SamplingParams, sample
+from moonlet.sampling import SamplingParams, sample, stop_split
 
 __all__ = ["Engine", "Request", "SamplingParams", "sample"]
 
@@ -530,34 +530,17 @@ class Engine:
             elif req._generated >= p.max_tokens:
                 self._finish(req, "length")
 
-    def _visible_text(self, ids: list[int]) -> str:
-        """The text a user sees of `ids`: special tokens (</think>, tool-call markers) are structure, not text,
-        so stop strings never match them."""
-        tok = self.tokenizer
-        return tok.decode([i for i in ids if not tok.is_special(i)])
-
     def _release(self, req: Request) -> bool:
         """Move pending tokens to output_ids, holding back a tail that may begin a stop string. Returns True
-        when a stop string appeared in the visible text: output_ids then decodes to exactly the text before
-        it (a token the stop string starts inside is replaced by the tokens of its part before it)."""
-        stops = req.params.stop
-        n = len(req._pending)
-        if stops and self.tokenizer is not None:
-            text = self._visible_text(req._pending)
-            hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-            if hit >= 0:
-                keep = 0  # whole tokens before the stop string: their text is a prefix of text[:hit]
-                while keep < n and len(self._visible_text(req._pending[: keep + 1])) <= hit:
-                    keep += 1
-                while keep and not text.startswith(self._visible_text(req._pending[:keep])):
-                    keep -= 1  # the last one ends inside a multi-byte character
-                head = len(self._visible_text(req._pending[:keep]))
-                req._pending = req._pending[:keep] + self.tokenizer.encode(text[head:hit])
+        when a stop string appeared: the pending ids then end exactly before it (see stop_split)."""
+        if req.params.stop and self.tokenizer is not None:
+            release, _, stopped = stop_split(self.tokenizer, req._pending, req.params.stop)
+            if stopped:
+                req._pending = release  # _finish releases them
                 return True
-            # the longest suffix of text that is a proper prefix of a stop string stays pending
-            hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            while hold and n > 0 and len(self._visible_text(req._pending[n:])) < hold:
-                n -= 1
+            n = len(release)  # the rest may still begin a stop string
+        else:
+            n = len(req._pending)
         if n:
             req.output_ids.extend(req._pending[:n])
             req._pending = req._pending[n:]

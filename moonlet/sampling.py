@@ -43,6 +43,31 @@ class SamplingParams:
         need(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
 
 
+def stop_split(tokenizer, pending: list[int], stops: tuple[str, ...]) -> tuple[list[int], list[int], bool]:
+    """Check generated ids not yet released against stop strings -> (ids to release, ids to hold, stopped).
+
+    Stop strings match the text a user sees: special tokens (</think>, tool-call markers) are structure, not
+    text. On a match the released ids decode to exactly the text before it (as OpenAI and vLLM cut): a token the
+    stop string starts inside is replaced by the tokens of its part before it. Otherwise the longest tail that
+    may still begin a stop string is held."""
+    def visible(ids: list[int]) -> str:
+        return tokenizer.decode([i for i in ids if not tokenizer.is_special(i)])
+
+    text, n = visible(pending), len(pending)
+    hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if hit >= 0:
+        keep = 0  # whole tokens before the stop string: their text is a prefix of text[:hit]
+        while keep < n and len(visible(pending[: keep + 1])) <= hit:
+            keep += 1
+        while keep and not text.startswith(visible(pending[:keep])):
+            keep -= 1  # the last one ends inside a multi-byte character
+        return pending[:keep] + tokenizer.encode(text[len(visible(pending[:keep])):hit]), [], True
+    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    while hold and n > 0 and len(visible(pending[n:])) < hold:
+        n -= 1
+    return pending[:n], pending[n:], False
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]) -> torch.Tensor:
     """Temperature, top-k, top-p, then one draw per row by inverting the CDF with a uniform from the row's
     request generator (seeded requests repeat): no multinomial host sync, and one random number per row where

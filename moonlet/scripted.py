@@ -10,19 +10,22 @@ import time
 import uuid
 from collections.abc import Callable
 
+from moonlet.sampling import stop_split
+
 
 class ScriptedRequest:
     """The surface of engine.Request the server uses. Its tokens come from a thread of its own, one every
     `delay` seconds, the way the engine's come from the engine thread: output_ids grows, `listener` is told."""
 
     def __init__(self, ids: list[int], prompt_ids: list[int], params, stop_ids: set[int], think_end: int,
-                 delay: float, listener=None):
+                 delay: float, listener=None, tokenizer=None):
         self.id = uuid.uuid4().hex
         self.prompt_ids, self.output_ids = prompt_ids, []
         self.finished, self.finish_reason, self.ttft = False, None, None  # ttft: seconds to the first token
         self._t0 = time.perf_counter()
         self._ids, self._params, self._stop, self._think_end, self._delay = ids, params, stop_ids, think_end, delay
         self._listener, self._cancelled, self._changed = listener, threading.Event(), threading.Condition()
+        self._tokenizer, self._pending = tokenizer, []  # ids held back while they may begin a stop string
         threading.Thread(target=self._produce, daemon=True, name=f"scripted-{self.id[:8]}").start()
 
     def cancel(self) -> None:
@@ -34,7 +37,7 @@ class ScriptedRequest:
             if self._cancelled.wait(self._delay) if self._delay else self._cancelled.is_set():
                 reason = "cancelled"
                 break
-            if len(self.output_ids) >= self._params.max_tokens:
+            if len(self.output_ids) + len(self._pending) >= self._params.max_tokens:
                 reason = "length"
                 break
             if self.ttft is None:
@@ -42,9 +45,18 @@ class ScriptedRequest:
             if t in self._stop:  # as in the engine: a stop token ends the request and is not returned
                 reason = "stop"
                 break
-            self._publish(lambda t=t: self.output_ids.append(t))
+            self._pending.append(t)
+            release, self._pending, stopped = self._pending, [], False
+            if self._params.stop and self._tokenizer is not None:  # stop strings cut as the engine cuts them
+                release, self._pending, stopped = stop_split(self._tokenizer, release, self._params.stop)
+            if release:
+                self._publish(lambda r=release: self.output_ids.extend(r))
+            if stopped:
+                reason = "stop"
+                break
 
         def finish() -> None:
+            self.output_ids.extend(self._pending)  # held back for a stop string that never came
             self.finish_reason = reason or "stop"
             self.finished = True
 
@@ -77,7 +89,7 @@ class ScriptedEngine:
     FILE is a JSON list of {"when": "text", "completion": "<think>...</think>answer<|im_end|>"}; a request
     gets the first entry whose `when` occurs in the conversation's last message (no `when` matches all).
     The completion is encoded with the real tokenizer (special-token text becomes special ids) and streamed
-    one token every `delay` seconds, honouring max_tokens, stop tokens and cancellation."""
+    one token every `delay` seconds, honouring max_tokens, stop tokens, stop strings and cancellation."""
 
     def __init__(self, tokenizer, script: list[dict], delay: float = 0.0):
         if not isinstance(script, list) or not all(isinstance(e, dict) and isinstance(e.get("completion"), str)
@@ -95,7 +107,7 @@ class ScriptedEngine:
             raise RuntimeError(f"--script: no entry matches the last message {last[:80]!r}")
         ids = tok.encode(entry["completion"], allow_special=True)
         stop = set(params.stop_token_ids) | set(tok.stop_ids)
-        return ScriptedRequest(ids, list(prompt_ids), params, stop, tok.think_end_id, self.delay, listener)
+        return ScriptedRequest(ids, list(prompt_ids), params, stop, tok.think_end_id, self.delay, listener, tok)
 
     def start(self) -> None:
         pass

@@ -488,6 +488,11 @@ def test_tool_choice_named_and_required_force_a_call(scripted):
                                          tool_choice={"type": "function", "function": {"name": "nope"}})
 
 
+def test_the_scripted_aid_cuts_stop_strings_as_the_engine_does(scripted):
+    r = scripted.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=50, stop=["w can"])
+    assert r.choices[0].message.content == "Hello! Ho" and r.choices[0].finish_reason == "stop"
+
+
 def test_a_model_cannot_call_a_tool_with_tool_choice_none_or_no_tools(scripted):
     """The script calls get_weather for this prompt; with no tool allowed, the tool section ends the turn."""
     for kw in ({"tools": [WEATHER_TOOL], "tool_choice": "none"}, {}):
