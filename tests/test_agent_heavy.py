@@ -53,6 +53,22 @@ def test_trajectories_run_in_parallel_from_the_same_prompt_and_are_aggregated():
     assert "so the answer is Lyon" in agg and "Capital of France?" in agg
 
 
+def test_the_vote_counts_only_trajectories_that_answered():
+    """Trajectory 0 answers; 1 and 2 are stopped by max_steps mid-search: their last words are no answer."""
+    def script(messages, tools, seed=None, **kw):
+        if tools is None:
+            raise RuntimeError("aggregation down")
+        if seed == 0:
+            return {"content": "Paris"}
+        return {"content": "Let me search for it.", "tool_calls": [
+            {"type": "function", "function": {"name": "calculator", "arguments": '{"expression": "1"}'}}]}
+
+    be = ScriptedBackend(script)
+    h = run_heavy(make(be, budget=Budget(max_steps=2)), be, "Capital?", 3)
+    assert (h.answer, h.method) == ("Paris", "vote")
+    assert [r.stop_reason for r in h.results] == ["answer", "max_steps", "max_steps"]
+
+
 @pytest.mark.parametrize("aggregate", [RuntimeError("server down"), "   "])
 def test_a_failed_or_empty_aggregation_falls_back_to_majority_vote(aggregate):
     be = ScriptedBackend(heavy_script(aggregate=aggregate))

@@ -129,6 +129,40 @@ def test_repeated_identical_calls_are_warned_then_refused_then_the_run_stops():
     assert r.stop_reason == "repeated_calls" and r.steps == 5 and len(res) == 5
 
 
+def test_identical_calls_in_one_turn_are_refused_but_do_not_stop_a_model_that_never_saw_a_refusal():
+    same = lambda: call("add", {"a": 2, "b": 2})
+    r = Agent(ScriptedBackend([turn(*[same() for _ in range(5)]), turn(content="4")]), [add], repeat_limit=3).run("q")
+    res = list(tool_results(r.messages).values())
+    assert (r.stop_reason, r.answer, r.steps) == ("answer", "4", 2)
+    assert [x.startswith("Error: refused") for x in res] == [False, False, False, True, True]
+
+
+def test_an_empty_final_answer_is_not_replaced_by_interim_text():
+    be = ScriptedBackend([{"content": "Let me compute", "tool_calls": [call("add", {"a": 1, "b": 1})]},
+                          {"reasoning_content": "hmm", "content": ""}])
+    r = Agent(be, [add]).run("q")
+    assert (r.stop_reason, r.answer) == ("answer", "")
+    budget_ended = Agent(ScriptedBackend([{"content": "Let me compute", "tool_calls": [call("add", {"a": 1, "b": 1})]}]),
+                         [add], budget=Budget(max_steps=1)).run("q")
+    assert (budget_ended.stop_reason, budget_ended.answer) == ("max_steps", "Let me compute")  # the best there is
+
+
+def test_a_turn_ending_in_error_says_so():
+    r = Agent(ScriptedBackend([{"content": "", "finish_reason": "error"}]), []).run("q")
+    assert r.stop_reason == "error" and "finish_reason 'error'" in r.error
+
+
+def test_a_resumed_turn_sends_its_results_in_call_order():
+    """The crash left call :1's result; :0 runs on resume, and the model sees :0 then :1, as it would have."""
+    calls = [call("add", {"a": 1, "b": 1}, id="functions.add:0"), call("add", {"a": 2, "b": 2}, id="functions.add:1")]
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": calls},
+                {"role": "tool", "tool_call_id": "functions.add:1", "content": "4"}]
+    be = ScriptedBackend([turn(content="done")])
+    Agent(be, [add]).run(messages=messages)
+    sent = [m.get("tool_call_id") for m in be.calls[0]["messages"] if m["role"] == "tool"]
+    assert sent == ["functions.add:0", "functions.add:1"]
+
+
 def test_different_arguments_are_not_repeats():
     be = ScriptedBackend([turn(call("add", {"a": i, "b": 1})) for i in range(6)] + [turn(content="7")])
     r = Agent(be, [add], repeat_limit=1).run("q")

@@ -84,8 +84,12 @@ def summarize(result: Result, max_calls: int = 8, reasoning_chars: int = 400) ->
 
 
 def aggregation_messages(question: str, results: list[Result]) -> list[dict]:
-    attempts = "\n\n".join(f"# Attempt {i + 1}\n## How\n{summarize(r)}\n## Answer\n{r.answer or '(no answer)'}"
-                           for i, r in enumerate(results))
+    def answer(r: Result) -> str:
+        if r.stop_reason == "answer":
+            return f"## Answer\n{r.answer or '(no answer)'}"
+        return f"## No answer (stopped: {r.stop_reason}); its last words\n{r.answer or '(none)'}"
+
+    attempts = "\n\n".join(f"# Attempt {i + 1}\n## How\n{summarize(r)}\n{answer(r)}" for i, r in enumerate(results))
     return [{"role": "user", "content": AGGREGATE_PROMPT.format(n=len(results), question=question,
                                                                 attempts=attempts)}]
 
@@ -159,8 +163,9 @@ def run_heavy(make_agent: Callable[[int], Agent], backend: Backend, question: st
             error = f"the aggregation call returned no answer (finish_reason {turn.finish_reason!r})"
     except Exception as e:  # an aggregation failure must not lose N finished trajectories
         error = f"{type(e).__name__}: {e}"
-    if method == "vote":
-        answer = majority_vote(answers)
+    if method == "vote":  # over the trajectories that answered: a budget-ended one's last words are no answer
+        finished = [r.answer for r in done if r.stop_reason == "answer" and r.answer]
+        answer = majority_vote(finished or answers)
     rec = {"type": "aggregate", "answer": answer, "method": method, "answers": answers, "usage": usage,
            "reasoning_content": turn.reasoning_content if turn else "", "error": error}
     if trace is not None:

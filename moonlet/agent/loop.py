@@ -165,6 +165,7 @@ class Agent:
                 if pending:
                     results, stop = self._run_calls(pending, messages, steps, elapsed)
                     messages += results
+                    self._in_call_order(messages)  # a resumed turn's earlier results came first
                     continue
                 stop = "interrupted" if self.cancel.is_set() else self._over_budget(steps, usage, elapsed())
                 if stop:
@@ -192,11 +193,14 @@ class Agent:
                 if not turn.tool_calls:
                     answer = turn.content
                     stop = {"error": "error", "length": "truncated"}.get(turn.finish_reason, "answer")
+                    if stop == "error":
+                        error = "the model's turn ended with finish_reason 'error'"
         except KeyboardInterrupt:
             stop = "interrupted"
         except Exception as e:  # the backend failed (server down, prompt too long): end resumably, never lose the trace
             stop, error = "error", f"{type(e).__name__}: {e}"
-        if not answer:  # a budget ended it: the last thing the model said is the best we have
+        if not answer and stop not in ("answer", "truncated"):  # a budget or a failure ended it: the last
+            # thing the model said is the best we have (an empty final answer stays empty, not interim text)
             answer = next((m["content"] for m in reversed(messages) if m["role"] == "assistant" and m["content"]), "")
         res = Result(answer, stop, steps, self._n_calls(messages), usage, self.budget.cost(usage), elapsed(),
                      messages, error)
@@ -220,6 +224,13 @@ class Agent:
     @staticmethod
     def _n_calls(messages: list[dict]) -> int:
         return sum(len(m.get("tool_calls") or []) for m in messages if m["role"] == "assistant")
+
+    @staticmethod
+    def _in_call_order(messages: list[dict]) -> None:
+        """Sort the tool results after the last assistant turn into its calls' order, in place."""
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        order = {c["id"]: k for k, c in enumerate(messages[last].get("tool_calls") or [])}
+        messages[last + 1:] = sorted(messages[last + 1:], key=lambda m: order.get(m.get("tool_call_id"), len(order)))
 
     @staticmethod
     def _pending(messages: list[dict]) -> list[dict]:
@@ -257,6 +268,7 @@ class Agent:
                 for c in m.get("tool_calls") or []:
                     if c["id"] not in hidden and c["id"] not in seen_ids:
                         prior[call_key(c)] += 1
+        earlier = dict(prior)  # before this turn: past the limit there, the model has seen a refusal
         stop = None
         outcome: dict[str, tuple[str, bool]] = {}  # id -> (content, error)
         jobs: list[tuple[dict, Any, dict, str]] = []
@@ -278,7 +290,7 @@ class Agent:
                 outcome[c["id"]] = (f"Error: refused: this exact call was already made {n - 1} times (the limit "
                                     f"is {self.repeat_limit}); change the arguments or give your final answer.",
                                     True)
-                if n > self.repeat_limit + 1:  # the model ignored the refusal: it is looping
+                if earlier.get(key, 0) > self.repeat_limit:  # it repeats a call it saw refused: it is looping
                     stop = "repeated_calls"
                 continue
             if getattr(tool, "needs_approval", False):
