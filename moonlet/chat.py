@@ -92,7 +92,7 @@ def _arguments(args: Any, where: str) -> str:
 
 
 def _assistant_body(segs: list[Segment], m: dict, i: int, keep: bool, train: bool, n_calls: int,
-                    id_map: dict[str, str], pending: list[str]) -> int:
+                    id_map: dict[str, list[str]], pending: list[str]) -> int:
     """Append an assistant message's output (everything after its header); returns the new call count."""
 
     def add(text: str, special: bool = False) -> None:
@@ -116,7 +116,7 @@ def _assistant_body(segs: list[Segment], m: dict, i: int, keep: bool, train: boo
             given = call.get("id")
             cid = f"functions.{fn['name']}:{n_calls}"
             if isinstance(given, str) and given:
-                id_map[given] = cid
+                id_map.setdefault(given, []).append(cid)  # a caller may reuse an id: results pair in order
             pending.append(cid)
             n_calls += 1
             add(CALL_BEGIN, True)
@@ -166,7 +166,7 @@ def _segments(messages: list[dict], tools: list[dict] | None, add_generation_pro
         add(IM_END, True)
 
     n_calls = 0
-    id_map: dict[str, str] = {}  # caller's tool-call id -> rendered id
+    id_map: dict[str, list[str]] = {}  # caller's tool-call id -> the rendered ids it was given to
     pending: list[str] = []  # rendered call ids not yet answered, for tool results without a usable id
     for i, m in enumerate(messages):
         role = m["role"]
@@ -181,7 +181,7 @@ def _segments(messages: list[dict], tools: list[dict] | None, add_generation_pro
             if role == "tool":
                 tcid = m.get("tool_call_id")
                 if isinstance(tcid, str) and tcid in id_map:
-                    tcid = id_map[tcid]
+                    tcid = next((c for c in id_map[tcid] if c in pending), id_map[tcid][-1])
                 elif not tcid:
                     tcid = pending[0] if pending else ""
                 if tcid in pending:
@@ -203,7 +203,7 @@ def render(messages: list[dict], tools: list[dict] | None = None, add_generation
 def render_assistant(message: dict, first_call_index: int = 0) -> str:
     """What the model generates for one assistant message after the generation prompt, rendered as a
     live message (reasoning kept): `<think>{reasoning}</think>{content}{tool calls}<|im_end|>`.
-    parse() inverts it. Tool-call ids count from first_call_index (ids already K2-shaped are kept)."""
+    parse() inverts it. Tool-call ids are renumbered from first_call_index, whatever ids it carries."""
     segs: list[Segment] = []
     _assistant_body(segs, message, 0, True, True, first_call_index, {}, [])
     return "".join(t for t, _, _ in segs)
@@ -216,8 +216,9 @@ def render_ids(messages: list[dict], tokenizer=None, tools: list[dict] | None = 
     The template's own tokens become special ids; message text is encoded as ordinary text, so text
     that spells a special token (a user pasting "<|im_end|>") never becomes one. `ids` equals
     `tokenizer.encode(render(...), allow_special=True)` whenever messages contain no special-token text,
-    with one SFT rule: if the conversation ends with an assistant message it is the training target and
-    counts as part of the live episode (its reasoning is kept, though K2's template would drop it).
+    with one SFT rule: without a generation prompt, a conversation that ends with an assistant message ends
+    with the training target, which counts as part of the live episode (its reasoning is kept, though K2's
+    template would drop it). With a generation prompt (inference) the template's rule holds as in render().
     loss_mask is 1 on an assistant message's output, from `<think>` to its closing `<|im_end|>` (reasoning,
     content, tool calls), never on headers, system, user or tool text. train_on picks which assistant
     messages: "live" (those rendered with their reasoning: the final episode), "all", or "last".
@@ -231,7 +232,8 @@ def render_ids(messages: list[dict], tokenizer=None, tools: list[dict] | None = 
         tokenizer = load_tokenizer(None)
     ids: list[int] = []
     mask: list[int] = []
-    for text, special, train in _segments(messages, tools, add_generation_prompt, live_final=True, train_on=train_on):
+    for text, special, train in _segments(messages, tools, add_generation_prompt, live_final=not add_generation_prompt,
+                                          train_on=train_on):
         piece = [tokenizer.special[text]] if special else tokenizer.encode(text)
         ids += piece
         mask += [int(train)] * len(piece)
@@ -333,7 +335,12 @@ class StreamParser:
                 else:
                     self._error(f"stray special token {name} (id {i}) dropped")
             else:
-                self._text(self._utf8.decode(tok.token_bytes(i)))
+                try:
+                    data = tok.token_bytes(i)
+                except (KeyError, OverflowError, ValueError):  # a model vocabulary wider than the tokenizer's
+                    self._error(f"token id {i} is not in the tokenizer (vocab_size {tok.vocab_size}); dropped")
+                    continue
+                self._text(self._utf8.decode(data))
         return self._flush()
 
     def finish(self) -> list[dict]:

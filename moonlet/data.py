@@ -211,15 +211,19 @@ def text_documents(files: list[Path], tokenizer) -> Iterator[tuple[list[int], No
 
 def read_conversations(path: str | Path) -> Iterator[tuple[dict, str]]:
     """JSONL lines {"messages": [...], "tools": [...]?}; errors name the file and line."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:  # utf-8-sig on the first line: editors on Windows start files with a byte-order mark
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 ({e})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e})") from e
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise DataError(f"{where}: not valid JSON ({str(e)[:200]})") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list) or not rec["messages"]:
                 raise DataError(f"{where}: expected an object with a non-empty 'messages' list")
             yield rec, where

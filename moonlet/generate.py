@@ -159,7 +159,9 @@ def cli_generate(argv: list[str]) -> int:
     if args.json:
         result = {"finish_reason": req.finish_reason, "usage": req.usage, "tokens_per_s": round(speed, 2),
                   "decode": engine.decoder.mode, "output_ids": req.output_ids, "error": req.error}
-        result |= (chat.parse(tok.decode(req.output_ids)) if args.chat else {"text": tok.decode(req.output_ids)})
+        # --chat: the parse of the ids the live view showed (a text parse would take text spelling a marker,
+        # such as a literal "<|im_end|>", for the marker)
+        result |= parser.result() if args.chat else {"text": tok.decode(req.output_ids)}
         print(json.dumps(result))
     return 1 if req.finish_reason == "error" else 0
 

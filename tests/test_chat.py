@@ -160,6 +160,31 @@ def test_render_ids_matches_encoding_the_rendered_text_for_prompts():
                       "<|tool_calls_section_end|><|im_end|>")
 
 
+def test_a_prompt_ending_in_a_finished_assistant_turn_drops_its_reasoning_as_the_template_does():
+    """The SFT rule (a final assistant message is the target) is not the inference rule: a client sending back
+    an answered turn gets K2's render, without that turn's reasoning."""
+    tok = load_tokenizer(None)
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "SECRET"}]
+    ids, _ = render_ids(messages, tok, add_generation_prompt=True)
+    assert ids == tok.encode(render(messages), allow_special=True) and "SECRET" not in tok.decode(ids)
+
+
+def test_the_stream_parser_drops_ids_outside_the_tokenizer_with_an_error():
+    """A model vocabulary wider than the tokenizer's (Moonlight's 163840 with the 32768 default) can sample them."""
+    tok = load_tokenizer(None)
+    p = StreamParser(tok)
+    assert p.feed_ids([40000, *tok.encode("hi"), -1]) == [{"reasoning_content": "hi"}]
+    assert len(p.errors) == 2 and "40000" in p.errors[0]
+
+
+def test_results_of_calls_sharing_a_caller_id_pair_off_in_order():
+    calls = [{"id": "x", "function": {"name": n, "arguments": {}}} for n in ("a", "b")]
+    text = render([{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": calls},
+                   {"role": "tool", "tool_call_id": "x", "content": "ra"},
+                   {"role": "tool", "tool_call_id": "x", "content": "rb"}])
+    assert "## Return of functions.a:0\nra" in text and "## Return of functions.b:1\nrb" in text
+
+
 def test_sft_target_keeps_its_reasoning_and_train_on_selects_messages():
     tok = load_tokenizer(None)
     messages = MULTI + [{"role": "assistant", "reasoning_content": "R3", "content": "A2"}]

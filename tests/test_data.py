@@ -139,6 +139,13 @@ def test_bad_sft_lines_are_reported_with_file_and_line(tmp_path):
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(data.DataError, match=r"bad.jsonl:1: no assistant message"):
         data.prepare(path, tmp_path / "out", kind="sft")
+    for body, error in ((json.dumps(CONVERSATION).encode() + b"\n\xff\xfe{}\n", r"bad.jsonl:2: not UTF-8"),
+                        (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", r"bad.jsonl:1: not valid JSON")):
+        path.write_bytes(body)
+        with pytest.raises(data.DataError, match=error):
+            data.prepare(path, tmp_path / "out", kind="sft")
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(CONVERSATION).encode() + b"\n")  # a byte-order mark is fine
+    assert data.prepare(path, tmp_path / "bom", kind="sft")["splits"]["train"]["tokens"] > 0
 
 
 def test_cli_data_prepare_prints_a_json_summary(corpus, tmp_path, capsys):
