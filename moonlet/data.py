@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moonlet.tokenizer import decode_text
+
 PYTHON_DOCS = "/usr/share/doc/python3.11/html/_sources"
 FORMAT = 1
 SHARD_TOKENS = 1 << 27  # 128M tokens (256 MB of uint16) per shard
@@ -204,7 +206,7 @@ def text_files(source: str | Path) -> list[Path]:
 
 def text_documents(files: list[Path], tokenizer) -> Iterator[tuple[list[int], None]]:
     for f in files:
-        text = f.read_text(encoding="utf-8", errors="replace")
+        text = decode_text(f.read_bytes())
         if text.strip():
             yield tokenizer.encode(text) + [tokenizer.eos_id], None
 

@@ -232,10 +232,15 @@ def _time_engine(engine: Engine, prompts: torch.Tensor, params: SamplingParams, 
     t0 = time.perf_counter()
     reqs = engine.generate(prompts.tolist(), params)
     _sync(device)
+    _raise_if_failed(reqs)
+    return time.perf_counter() - t0, max(r.t_first_token for r in reqs) - t0, reqs
+
+
+def _raise_if_failed(reqs: list) -> None:
+    """A benchmark must not time a failed generation (nor die on its missing first-token time)."""
     failed = next((r for r in reqs if r.finish_reason == "error"), None)
     if failed is not None:
         raise RuntimeError(f"the engine failed: {failed.error}")
-    return time.perf_counter() - t0, max(r.t_first_token for r in reqs) - t0, reqs
 
 
 def _time_hf(hf, ids: torch.Tensor, n: int, device: torch.device) -> tuple[float, torch.Tensor]:
@@ -435,8 +440,7 @@ def cli_bench_prefix_cache(argv: list[str]) -> int:
 
     def ttft(prompt: list[int]) -> tuple[float, int]:
         r = engine.submit(prompt, params).result()
-        if r.finish_reason == "error":
-            raise RuntimeError(f"the engine failed: {r.error}")
+        _raise_if_failed([r])
         return r.ttft, r.usage["cached_tokens"]
 
     suffix = lambda: torch.randint(0, V, (S,), generator=gen).tolist()

@@ -46,9 +46,10 @@ class ScriptedRequest:
                 reason = "stop"
                 break
             self._pending.append(t)
-            release, self._pending, stopped = self._pending, [], False
             if self._params.stop and self._tokenizer is not None:  # stop strings cut as the engine cuts them
-                release, self._pending, stopped = stop_split(self._tokenizer, release, self._params.stop)
+                release, self._pending, stopped = stop_split(self._tokenizer, self._pending, self._params.stop)
+            else:
+                release, self._pending, stopped = self._pending, [], False
             if release:
                 self._publish(lambda r=release: self.output_ids.extend(r))
             if stopped:

@@ -229,8 +229,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _static(self, path: str) -> None:
         rel = "index.html" if path in ("/", "") else path.lstrip("/")
-        file = (WEB_DIR / rel.replace("\0", "")).resolve()  # (a NUL byte made resolve() raise)
-        if "\0" in rel or WEB_DIR.resolve() not in file.parents or not file.is_file():
+        file = None if "\0" in rel else (WEB_DIR / rel).resolve()  # (resolve() raises on a NUL byte)
+        if file is None or WEB_DIR.resolve() not in file.parents or not file.is_file():
             raise APIError(404, f"no route GET {path}", None, "not_found")
         ctype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
         self._send(200, file.read_bytes(), ctype, {"Cache-Control": "no-cache"})

@@ -267,6 +267,18 @@ def _text_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return files
 
 
+def decode_text(data: bytes) -> str:
+    """A text document's bytes: UTF-8, else Windows-1252 (what older "latin" documents mostly are), else Latin-1,
+    which always decodes. Replacing undecodable bytes would lose every accented word of such a file (the corpus
+    readers and the search index use this)."""
+    for encoding in ("utf-8", "cp1252"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            pass
+    return data.decode("latin-1")
+
+
 def _iter_texts(files: list[Path]) -> Iterable[str]:
     for f in files:
         try:

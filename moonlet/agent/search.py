@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
+from moonlet.tokenizer import decode_text
+
 TEXT_EXTS = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown", ".html": "html",
              ".htm": "html"}
 PAGE_CHARS = 3000
@@ -65,17 +67,6 @@ class _HTMLText(HTMLParser):
         if self._in == "h1":
             self.h1 += data
         self.parts.append(data)
-
-
-def decode_text(data: bytes) -> str:
-    """UTF-8, else Windows-1252 (what older "latin" documents mostly are), else Latin-1, which always decodes:
-    replacing undecodable bytes would lose every accented word of such a file from the index."""
-    for encoding in ("utf-8", "cp1252"):
-        try:
-            return data.decode(encoding)
-        except UnicodeDecodeError:
-            pass
-    return data.decode("latin-1")
 
 
 def document_files(docs_dir: Path) -> list[Path]:
@@ -248,8 +239,9 @@ def index_for(docs_dir: str | Path) -> Path:
     files = document_files(docs_dir)
     # named by the folder and by what is in it (names, sizes, times): any added, changed, renamed or deleted
     # file gives another name, so the index is rebuilt, and the older ones of this folder are removed
-    contents = hashlib.sha1("\n".join(f"{p.relative_to(docs_dir)}\0{p.stat().st_size}\0{p.stat().st_mtime_ns}"
-                                      for p in files).encode()).hexdigest()[:16]
+    stats = [(p.relative_to(docs_dir), p.stat()) for p in files]
+    contents = hashlib.sha1("\n".join(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}" for rel, st in stats)
+                            .encode()).hexdigest()[:16]
     stem = f"moonlet-index-{hashlib.sha1(str(docs_dir).encode()).hexdigest()[:16]}"
     out = Path(tempfile.gettempdir()) / f"{stem}-{contents}.sqlite"
     if not out.exists():
