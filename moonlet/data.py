@@ -284,7 +284,7 @@ def prepare(source: str | Path = PYTHON_DOCS, out: str | Path = "data/python-doc
     if not force and meta_file.is_file():
         meta = json.loads(meta_file.read_text())
         if meta.get("fingerprint") == fp:
-            if "tokenizer_dir" not in meta:  # made before moonlet recorded it
+            if meta.get("tokenizer_dir") != tok_dir:  # made before moonlet recorded it, or the same tokenizer moved
                 meta["tokenizer_dir"] = tok_dir
                 atomic_write(meta_file, json.dumps(meta, indent=2) + "\n")
             return {**meta, "cached": True}

@@ -40,6 +40,7 @@ def save_checkpoint(run: Path, step: int, model, opt, tc: TrainConfig, data_posi
     """Write checkpoints/step_N.tmp (HF model dir + train_state.pt + the data's tokenizer, if not moonlet's
     default), rename it, then point `latest` at it."""
     from moonlet import checkpoint
+    from moonlet.tokenizer import atomic_write
 
     root = run / "checkpoints"
     final = root / f"step_{step:07d}"
@@ -47,6 +48,9 @@ def save_checkpoint(run: Path, step: int, model, opt, tc: TrainConfig, data_posi
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     checkpoint.save(model, tmp)
+    if tokenizer_dir and not (Path(tokenizer_dir) / "tiktoken.model").is_file():
+        print(f"moonlet train: the data's tokenizer {tokenizer_dir} is gone; this checkpoint has none (pass "
+              "--tokenizer when generating from it)", file=sys.stderr)
     for name in ("tiktoken.model", "tokenizer_config.json") if tokenizer_dir else ():
         if (Path(tokenizer_dir) / name).is_file():
             shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
@@ -55,9 +59,7 @@ def save_checkpoint(run: Path, step: int, model, opt, tc: TrainConfig, data_posi
     torch.save(state, tmp / "train_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    latest_tmp = root / "latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, root / "latest")
+    atomic_write(root / "latest", final.name + "\n")
     for old in sorted(root.glob("step_???????"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -87,7 +89,8 @@ def saved_train_config(run: str | Path) -> dict | None:
 # save_every, eval_every, keep, lr, ...), which may change when a run is extended; RUNTIME_FIELDS never matter.
 IDENTITY_FIELDS = ("model", "init", "data", "optimizer", "qat", "seq_len", "micro_batch", "grad_accum", "seed",
                    "ns_dtype")
-RUNTIME_FIELDS = ("out", "threads", "progress", "compile", "peak_tflops")
+RUNTIME_FIELDS = ("out", "threads", "progress", "compile", "peak_tflops",
+                  "stop_at")  # stop_at belongs to the invocation that stopped: a resume goes on
 
 
 class ResumeError(ValueError):
@@ -102,12 +105,16 @@ def _same(name: str, a, b) -> bool:
     return False
 
 
+def config_diff(tc: TrainConfig, saved: dict) -> dict[str, tuple]:
+    """The fields (not RUNTIME_FIELDS) in which tc differs from a saved TrainConfig: {name: (saved, now)}."""
+    now = dataclasses.asdict(tc)
+    return {k: (saved.get(k), v) for k, v in now.items() if k not in RUNTIME_FIELDS and not _same(k, saved.get(k), v)}
+
+
 def resume_changes(tc: TrainConfig, saved: dict, run: Path) -> dict[str, tuple]:
     """Compare a resume's config with the checkpoint's: raise ResumeError naming every identity field that
     differs; return the other changed fields, {name: (saved, now)}."""
-    now = dataclasses.asdict(tc)
-    diff = {k: (saved[k], now[k]) for k in now if k in saved and k not in RUNTIME_FIELDS
-            and not _same(k, saved[k], now[k])}
+    diff = {k: v for k, v in config_diff(tc, saved).items() if k in saved}
     bad = {k: v for k, v in diff.items() if k in IDENTITY_FIELDS}
     if bad:
         lines = "".join(f"\n  --{k.replace('_', '-')}: saved {a!r}, given {b!r}" for k, (a, b) in bad.items())

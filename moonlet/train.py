@@ -173,10 +173,14 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def build_model(tc: TrainConfig, device: torch.device):
+def build_model(tc: TrainConfig, device: torch.device, resuming: Path | None = None):
+    """The model to train. `resuming`: the run's checkpoint, whose weights load next, so a fine-tune is built from
+    its config rather than by loading its --init checkpoint again (which may have moved since)."""
     from moonlet import checkpoint
 
-    if tc.init:
+    if tc.init and resuming is not None:
+        model = checkpoint.build(ModelConfig.from_hf(resuming), device=device, dtype=torch.float32)
+    elif tc.init:
         model = checkpoint.load(tc.init, device=device, dtype=torch.float32)
         dense_experts(model)
     else:
@@ -268,7 +272,7 @@ def train(tc: TrainConfig) -> dict:
         torch.set_num_threads(tc.threads)
     data = PackedData(tc.data, tc.seq_len, "train", seed=tc.seed)
     torch.manual_seed(tc.seed)
-    model = build_model(tc, device)
+    model = build_model(tc, device, ckpt)
     cfg = model.cfg
     check_fits(tc, cfg, data)
     opt = optim.build_optimizer(model, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay,
@@ -284,7 +288,10 @@ def train(tc: TrainConfig) -> dict:
         from moonlet import checkpoint
 
         checkpoint.load_weights(model, ckpt)
-        opt.load_state_dict(state["optimizer"])
+        given = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
+        opt.load_state_dict(state["optimizer"])  # (that restores the saved groups' lr and weight decay too)
+        for g, (lr, wd) in zip(opt.param_groups, given):  # a resume may retune them (resume_changes printed it)
+            g["base_lr"], g["weight_decay"] = lr, wd
         set_rng_state(state["rng"])
         step, position = state["step"], state["data_position"]
     tokenizer_dir = data.shards.meta.get("tokenizer_dir")
@@ -340,14 +347,14 @@ def train(tc: TrainConfig) -> dict:
                 allreduce_grads(params)
                 dist.all_reduce(loss_sum)
             gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-            if not (math.isfinite(float(loss_sum)) and math.isfinite(float(gnorm))):  # before NaN reaches weights
-                raise TrainError(f"step {step + 1}: loss {float(loss_sum) / max(float(n_tgt), 1.0)}, grad norm "
-                                 f"{float(gnorm)}; stopped before updating the weights (the last checkpoint, if "
-                                 "any, is intact: resume from it with a lower --lr, or check the data)")
+            loss_value, gnorm_value = float(loss_sum) / max(float(n_tgt), 1.0), float(gnorm)
+            if not (math.isfinite(loss_value) and math.isfinite(gnorm_value)):  # before NaN reaches the weights
+                raise TrainError(f"step {step + 1}: loss {loss_value}, grad norm {gnorm_value}; stopped before "
+                                 "updating the weights (the last checkpoint, if any, is intact: resume from it with "
+                                 "a lower --lr, or check the data)")
             opt.step()
             opt.zero_grad(set_to_none=True)
-            rec = {"step": step + 1, "loss": float(loss_sum) / max(float(n_tgt), 1.0), "lr": opt.param_groups[0]["lr"],
-                   "grad_norm": float(gnorm)}
+            rec = {"step": step + 1, "loss": loss_value, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm_value}
             rec.update(optim.qk_clip(model, tc.qk_clip_tau))
             rec.update(balancer.step())
             step += 1
@@ -473,8 +480,8 @@ def config_from_args(args: argparse.Namespace, given: set[str] | None = None, sa
     if args.no_qk_clip:
         tc.qk_clip_tau = None
     tc.progress = not args.no_progress
-    for k, v in (saved or {}).items():  # (stop_at belongs to the invocation that stopped: a resume goes on)
-        if k in names and k not in (given or set()) and k not in (*RUNTIME_FIELDS, "stop_at"):
+    for k, v in (saved or {}).items():
+        if k in names and k not in (given or set()) and k not in RUNTIME_FIELDS:
             setattr(tc, k, v)
     return tc
 
@@ -488,13 +495,11 @@ def cli_train(argv: list[str]) -> int:
     tc = config_from_args(args, given_options(argv), load_train_state(ckpt)["train_config"] if ckpt else None)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    from moonlet.checkpoint import CheckpointError
-    from moonlet.data import DataError
-    from moonlet.quant import QuantError
+    from moonlet.cli import user_errors
 
     try:
         out = train(tc)
-    except (DataError, ConfigError, CheckpointError, QuantError, ResumeError, TrainError) as e:
+    except (*user_errors(), ResumeError, TrainError) as e:
         print(f"moonlet train: {e}", file=sys.stderr)
         return 2
     finally:

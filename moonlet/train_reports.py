@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import shutil
 import sys
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from moonlet import optim
 from moonlet.bench import top_kernels
 from moonlet.config import ModelConfig
-from moonlet.runs import RUNTIME_FIELDS, read_metrics_file, saved_train_config
+from moonlet.runs import config_diff, read_metrics_file, saved_train_config
 from moonlet.train import (
     TrainConfig,
     model_config,
@@ -151,9 +150,7 @@ def fresh_unless_same(tc: TrainConfig, name: str, force: bool = False) -> bool:
     saved = saved_train_config(tc.out)
     if saved is None and not (Path(tc.out) / "metrics.jsonl").exists():
         return False
-    now = dataclasses.asdict(tc)
-    diff = {} if saved is None else {k: (saved.get(k), v) for k, v in now.items()
-                                     if k not in RUNTIME_FIELDS and saved.get(k) != v}
+    diff = {} if saved is None else config_diff(tc, saved)
     if saved is not None and not diff and not force:
         return True
     why = "its inputs changed" if force else "no checkpoint" if saved is None else ", ".join(

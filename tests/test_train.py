@@ -243,7 +243,28 @@ def test_a_resume_takes_the_saved_options_and_refuses_ones_that_change_the_run(c
     assert "--optimizer: saved 'muon', given 'adamw'" in err and "another --out" in err and "Traceback" not in err
     assert latest_checkpoint(run).name == "step_0000002"  # nothing was touched
     assert cli_train(["--out", str(run), "--no-progress", "--steps", "4", "--keep", "1"]) == 0  # automatic resume
-    assert "steps 3 -> 4" in capsys.readouterr().err and latest_checkpoint(run).name == "step_0000004"
+    err = capsys.readouterr().err
+    assert "steps 3 -> 4" in err and latest_checkpoint(run).name == "step_0000004"
+    assert "stop_at" not in err  # it belongs to the invocation that stopped: not a change of the run
+
+
+def test_a_resume_with_another_lr_trains_at_that_lr(corpus, tmp_path):
+    """The optimizer state holds the saved groups' lr and weight decay; a retuned resume must not get them back."""
+    train(tc(corpus, tmp_path / "r", steps=4, stop_at=2, grad_accum=1, lr=1e-3, warmup=0, schedule="constant"))
+    train(tc(corpus, tmp_path / "r", steps=4, grad_accum=1, lr=5e-4, warmup=0, schedule="constant"))
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == [1e-3, 1e-3, 5e-4, 5e-4]
+
+
+def test_a_fine_tune_resumes_without_its_init_checkpoint(corpus, tmp_path):
+    import shutil
+
+    train(tc(corpus, tmp_path / "base", steps=1, grad_accum=1))
+    init = tmp_path / "init"
+    shutil.copytree(tmp_path / "base/checkpoints/step_0000001", init)
+    train(tc(corpus, tmp_path / "sft", steps=2, stop_at=1, grad_accum=1, init=str(init)))
+    shutil.rmtree(init)  # moved or deleted since: the run's own checkpoint is all a resume needs
+    assert train(tc(corpus, tmp_path / "sft", steps=2, grad_accum=1, init=str(init)))["step"] == 2
 
 
 def test_train_refuses_to_resume_a_qat_run_without_qat(corpus, tmp_path):
