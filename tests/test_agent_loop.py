@@ -322,6 +322,23 @@ def test_eval_command_prints_a_json_summary_and_draws_a_sweep_png(tmp_path):
         assert p.returncode != 0 and "Traceback" not in p.stderr, bad
 
 
+def test_eval_says_when_tasks_ended_on_errors_and_fails_when_all_did(tmp_path):
+    """A backend that only fails scores 0.000 like a wrong model: the summary must tell them apart."""
+    import subprocess
+    import sys
+
+    (tmp_path / "s.json").write_text(json.dumps([{"content": "", "finish_reason": "error"}]))
+    cmd = [sys.executable, "-m", "moonlet.cli", "eval", "python", "--scripted", str(tmp_path / "s.json"), "--n", "2",
+           "--workdir", str(tmp_path), "--json", "--no-progress", "--out", str(tmp_path / "e.jsonl")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    s = json.loads(p.stdout.strip().splitlines()[-1])
+    assert p.returncode == 1 and (s["errors"], s["n"]) == (2, 2)
+    assert "2 of 2 tasks ended on an error" in p.stderr and "finish_reason 'error'" in p.stderr
+    for bad in (["--max-steps", "0"], ["--max-time", "-1"], ["--temperature", "nan"], ["--heavy", "0"]):
+        p = subprocess.run(cmd + bad, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and bad[0] in p.stderr and "Traceback" not in p.stderr, bad
+
+
 def test_a_failing_backend_ends_the_run_with_an_error_that_can_be_resumed():
     def flaky(messages, tools, **kw):
         if sum(m["role"] == "assistant" for m in messages) == 1:

@@ -22,7 +22,7 @@ from typing import Any
 from moonlet.agent.backends import ScriptedBackend, empty_usage
 from moonlet.agent.context import token_counter
 from moonlet.agent.loop import Agent, Budget
-from moonlet.cli import at_least
+from moonlet.cli import at_least, number_in
 
 K2_CONTEXT = 262144
 
@@ -41,26 +41,26 @@ def add_backend_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="local: torch device (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="local: weight dtype (default: bfloat16 on cuda, float32 on cpu)")
     b = ap.add_argument_group("budgets")
-    b.add_argument("--max-steps", type=int, default=300, help="model calls per trajectory (default: 300)")
-    b.add_argument("--max-tokens", type=int, default=None, help="completion tokens per step, reasoning included "
+    b.add_argument("--max-steps", type=at_least(1), default=300, help="model calls per trajectory (default: 300)")
+    b.add_argument("--max-tokens", type=at_least(1), default=None, help="completion tokens per step, reasoning included "
                    "(default: 16384, at most half the context)")
-    b.add_argument("--max-thinking-tokens", type=int, default=None, help="reasoning tokens per step")
-    b.add_argument("--max-total-tokens", type=int, default=None, help="prompt + completion tokens, all steps")
-    b.add_argument("--max-time", type=float, default=None, help="wall-clock seconds")
-    b.add_argument("--max-cost", type=float, default=None, help="dollars, from --price-*")
-    b.add_argument("--price-input", type=float, default=0.0, help="$ per million input tokens (K2: 0.60)")
-    b.add_argument("--price-output", type=float, default=0.0, help="$ per million output tokens (K2: 2.50)")
-    b.add_argument("--price-cached", type=float, default=None, help="$ per million cached input tokens")
-    b.add_argument("--context-limit", type=int, default=None, help="context length in tokens; older tool "
+    b.add_argument("--max-thinking-tokens", type=at_least(0), default=None, help="reasoning tokens per step")
+    b.add_argument("--max-total-tokens", type=at_least(1), default=None, help="prompt + completion tokens, all steps")
+    b.add_argument("--max-time", type=number_in(0, open_lo=True), default=None, help="wall-clock seconds")
+    b.add_argument("--max-cost", type=number_in(0, open_lo=True), default=None, help="dollars, from --price-*")
+    b.add_argument("--price-input", type=number_in(0), default=0.0, help="$ per million input tokens (K2: 0.60)")
+    b.add_argument("--price-output", type=number_in(0), default=0.0, help="$ per million output tokens (K2: 2.50)")
+    b.add_argument("--price-cached", type=number_in(0), default=None, help="$ per million cached input tokens")
+    b.add_argument("--context-limit", type=at_least(1), default=None, help="context length in tokens; older tool "
                    "outputs are hidden to stay under it (default: the model's; for endpoints their max_model_len, else 262144)")
     ap.add_argument("--tools", default="calculator,python", help="comma list: calculator, python, search "
                     "(needs --docs), or module:attr for your own (default: calculator,python)")
     ap.add_argument("--docs", default=None, help="directory (or index built by `moonlet index`) for search/open")
-    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (K2: 1.0)")
+    ap.add_argument("--temperature", type=number_in(0), default=1.0, help="sampling temperature (K2: 1.0)")
     ap.add_argument("--seed", type=int, default=None, help="sampling seed")
-    ap.add_argument("--heavy", type=int, default=1, metavar="N", help="heavy mode: N parallel trajectories + "
+    ap.add_argument("--heavy", type=at_least(1), default=1, metavar="N", help="heavy mode: N parallel trajectories + "
                     "one aggregation call")
-    ap.add_argument("--repeat-limit", type=int, default=3, help="identical calls allowed before refusing")
+    ap.add_argument("--repeat-limit", type=at_least(1), default=3, help="identical calls allowed before refusing")
 
 
 def budget_from(args: argparse.Namespace) -> Budget:
@@ -351,7 +351,16 @@ def evaluate(tasks: list, backend: Any, *, budget: Budget, heavy: int = 1, concu
             "mean_tokens": (total["prompt_tokens"] + total["completion_tokens"]) / n,
             "cost": sum(r["cost"] for r in rows), "wall_s": round(time.monotonic() - t0, 3),
             "mean_task_wall_s": sum(r["wall_s"] for r in rows) / n,
-            "stop_reasons": {s: sum(r["stop_reason"] == s for r in rows) for s in sorted({r["stop_reason"] for r in rows})}}
+            "stop_reasons": {s: sum(r["stop_reason"] == s for r in rows) for s in sorted({r["stop_reason"] for r in rows})},
+            "errors": sum("error" in r for r in rows),
+            "first_error": next((r["error"] for r in rows if "error" in r), None)}
+
+
+def report_errors(summary: dict, label: str) -> None:
+    """A server that is down scores 0.000 like a model that is wrong: say which it was."""
+    if summary["errors"]:
+        print(f"moonlet eval: {label}: {summary['errors']} of {summary['n']} tasks ended on an error, the first: "
+              f"{summary['first_error']}", file=sys.stderr)
 
 
 def parse_sweep(spec: str) -> dict[str, list[int]]:
@@ -432,13 +441,14 @@ def cli_eval(argv: list[str]) -> int:
     if not args.sweep:
         summary = {"task": args.task, "difficulty": args.difficulty,
                    **evaluate(tasks, backend, budget=budget_from(args), heavy=args.heavy, **common), "metrics": str(out)}
+        report_errors(summary, args.task)
         if not args.json:
             print(f"{args.task} d={args.difficulty}: accuracy {summary['accuracy']:.3f} on {summary['n']} tasks, "
                   f"{summary['mean_steps']:.1f} steps and {summary['mean_tokens']:.0f} tokens a task, "
                   f"{summary['wall_s']:.1f}s")
         else:
             print(json.dumps(summary))
-        return 0
+        return 1 if summary["n"] and summary["errors"] == summary["n"] else 0
     curves: dict[str, list[dict]] = {}
     for dial, values in parse_sweep(args.sweep).items():
         for v in values:
@@ -450,6 +460,7 @@ def cli_eval(argv: list[str]) -> int:
             else:
                 heavy = v
             s = evaluate(tasks, backend, budget=b, heavy=heavy, label=f"{dial}={v}", **common)
+            report_errors(s, f"{dial}={v}")
             curves.setdefault(dial, []).append({"value": v, **{k: s[k] for k in ("accuracy", "mean_steps",
                                                                                  "mean_tokens", "wall_s")}})
             if not args.json:
