@@ -211,6 +211,32 @@ def test_a_run_killed_with_sigkill_resumes_with_the_same_results_and_no_repeated
         assert lines.count(line) == 1 or cid not in done_before
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_heavy_mode_records_every_trajectory_as_interrupted_and_resumes(tmp_path, sidefx):
+    (tmp_path / "s.json").write_text(json.dumps(script(12)))
+    env = os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "SIDEFX_SLEEP": "0.1"}
+    trace = tmp_path / "t.jsonl"
+    proc = subprocess.Popen(agent_cmd("write lines", "--scripted", str(tmp_path / "s.json"), "--tools",
+                                      "sidefx:append", "--heavy", "2", "--trace", str(trace), "--quiet"),
+                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while len(log_lines(sidefx[1])) < 4 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ends = {r["traj"]: r["stop_reason"] for r in read_trace(trace) if r["type"] == "end"}
+    assert ends == {0: "interrupted", 1: "interrupted"}
+    p = subprocess.run(agent_cmd("--resume", str(trace), "--quiet", "--json"), env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1])["answer"] == "done"
+
+
 def test_trace_show_prints_the_run_readably(tmp_path, capsys):
     path = tmp_path / "t.jsonl"
     be = ScriptedBackend([{"reasoning_content": "let me compute", "tool_calls": [{"name": "calculator",

@@ -94,6 +94,9 @@ def aggregation_messages(question: str, results: list[Result]) -> list[dict]:
                                                                 attempts=attempts)}]
 
 
+INTERRUPT_GRACE_S = 3.0  # after Ctrl-C: how long the trajectories get to write their end records
+
+
 def run_heavy(make_agent: Callable[[int], Agent], backend: Backend, question: str, n: int = 8, *,
               messages: list[dict] | None = None, trace: Trace | None = None,
               resume: list[dict] | None = None, max_tokens: int = 16384,
@@ -138,9 +141,12 @@ def run_heavy(make_agent: Callable[[int], Agent], backend: Backend, question: st
         for t in threads:
             while t.is_alive():
                 t.join(0.1)
-    except KeyboardInterrupt:
-        for a in agents:
+    except KeyboardInterrupt:  # each trajectory stops at its next step and records "interrupted"; one stuck
+        for a in agents:        # in a long model or tool call is left to die with the process (resume redoes it)
             a.cancel.set()
+        deadline = time.monotonic() + INTERRUPT_GRACE_S
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
         raise
     for e in errors:
         if e is not None:
