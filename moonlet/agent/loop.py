@@ -37,7 +37,9 @@ Approver = Callable[[dict, Any], "bool | str"]
 @dataclass
 class Budget:
     """When to stop. Token budgets count what a provider bills: prompt + completion tokens summed over steps.
-    Prices are dollars per million tokens (K2: $0.60 input, $2.50 output, $0.15 cached input)."""
+    Prices are dollars per million tokens (K2: $0.60 input, $2.50 output, $0.15 cached input). The token, time
+    and cost budgets are checked before each model call, so the call that crosses one still completes: a turn
+    is never cut off for the budget, and the overshoot is at most one step."""
 
     max_steps: int = 300                      # model calls
     max_tokens_per_step: int = 16384          # completion tokens per call, reasoning included
