@@ -530,3 +530,33 @@ def test_agent_openai_backend_runs_an_episode_against_moonlet_serve(servers):
     # the second scripted turn only matches when the calculator's real result (42) came back in the prompt
     assert res.stop_reason == "answer" and res.answer == "The answer is 42." and res.tool_calls == 1
     assert res.usage["reasoning_tokens"] > 0 and res.steps == 2
+
+
+def test_a_server_bug_is_a_json_500_and_the_server_keeps_serving(tmp_path, monkeypatch):
+    """In process, with a bug planted in prompt building: the openai client gets an error object (a dropped
+    connection would make it retry), and the next request is served."""
+    import moonlet.server as server_mod
+
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps(SCRIPT))
+    srv = server_mod.make_server("tiny", port=0, script=str(script))
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key="x", max_retries=0)
+        real_build = server_mod.build_prompt
+
+        def buggy(*a, **kw):
+            raise KeyError("planted")
+
+        monkeypatch.setattr(server_mod, "build_prompt", buggy)
+        with pytest.raises(openai.InternalServerError) as e:
+            client.chat.completions.create(model="tiny", messages=user("hi"))
+        assert e.value.status_code == 500 and e.value.body["code"] == "internal_error"
+        assert "KeyError" in e.value.body["message"]
+        monkeypatch.setattr(server_mod, "build_prompt", real_build)
+        r = client.chat.completions.create(model="tiny", messages=user("hi"))
+        assert r.choices[0].message.content == "Hello! How can I help?"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        srv.engine.stop()
