@@ -204,6 +204,17 @@ def test_scripts_can_start_dozens_of_threads_under_the_memory_limit(mode):
     assert "ok 40" in make_python_tool(Limits(timeout_s=10, memory_mb=1024), isolation=mode)({"code": code})
 
 
+@isolated
+def test_scripts_can_use_multiprocessing_queues_and_pools(mode):
+    """Their locks are POSIX semaphores, which need a /dev/shm (a tmpfs inside the sandbox's disk limit)."""
+    code = ("import multiprocessing as mp\n"
+            "def square(x):\n    return x * x\n"
+            "if __name__ == '__main__':\n    q = mp.Queue()\n    q.put('queued')\n    print(q.get())\n"
+            "    with mp.Pool(2) as pool:\n        print(pool.map(square, range(4)))")
+    out = make_python_tool(Limits(timeout_s=20, memory_mb=1024), isolation=mode)({"code": code})
+    assert "queued" in out and "[0, 1, 4, 9]" in out, out
+
+
 @pytest.mark.parametrize("mode", [*ISOLATED, "none"])
 def test_infinite_loop_is_killed_at_the_wall_clock_limit(mode):
     t0 = time.monotonic()

@@ -293,9 +293,11 @@ def _setup_root(cfg: dict) -> None:
         bind(src, root + src)
     for dev in ("null", "zero", "random", "urandom"):
         bind("/dev/" + dev, f"{root}/dev/{dev}", writable=True)
-    # exist_ok: the Python bound above may itself live under /tmp or /home (a virtualenv made by mktemp)
-    os.makedirs(root + "/tmp", mode=0o1777, exist_ok=True)
-    os.chmod(root + "/tmp", 0o1777)
+    # exist_ok: the Python bound above may itself live under /tmp or /home (a virtualenv made by mktemp);
+    # /dev/shm on the same size-limited tmpfs: POSIX semaphores (multiprocessing's locks and queues) live there
+    for d in ("/tmp", "/dev/shm"):
+        os.makedirs(root + d, mode=0o1777, exist_ok=True)
+        os.chmod(root + d, 0o1777)
     os.makedirs(root + WORKDIR, exist_ok=True)
     if uid is not None:
         os.chown(root + WORKDIR, uid, uid)
