@@ -138,3 +138,18 @@ def test_chat_page_streams_reasoning_tool_call_result_and_answer(server, browser
     assert first.find_element(By.CSS_SELECTOR, ".toolresult").text.endswith("42")
     assert second.find_element(By.CSS_SELECTOR, ".content").text == "The answer is 42, which is six times seven."
     assert "completion" in second.find_element(By.CSS_SELECTOR, ".stats").text
+
+
+def test_clear_during_a_turn_stops_it_and_leaves_an_empty_conversation(server, browser):
+    from selenium.webdriver.common.by import By
+
+    open_and_send(browser, server, "What is 6*7?")
+    deadline = time.monotonic() + 30
+    while not browser.find_elements(By.CSS_SELECTOR, ".msg.assistant") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    browser.find_element(By.ID, "clear").click()
+    while not browser.find_element(By.ID, "send").is_enabled() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(1.0)  # the scripted turn would have gone on to its tool round and answer by now
+    assert browser.find_element(By.ID, "messages").text == ""
+    assert browser.execute_script("return state.messages") == []

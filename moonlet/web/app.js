@@ -215,7 +215,8 @@ $("input").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
 });
 $("stop").addEventListener("click", () => state.abort?.abort());
-$("clear").addEventListener("click", () => { state.messages = []; $("messages").replaceChildren(); });
+// clearing stops the turn in flight too: its later rounds would write into the new, empty conversation
+$("clear").addEventListener("click", () => { state.abort?.abort(); state.messages = []; $("messages").replaceChildren(); });
 $("api_key").addEventListener("change", () => { localStorage.setItem("moonlet_api_key", $("api_key").value); loadModel(); });
 $("api_key").value = localStorage.getItem("moonlet_api_key") || "";
 loadModel();
