@@ -102,10 +102,11 @@ def parse_bytes(text: str) -> int:
     t = text.strip().upper().removesuffix("B")
     units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
     try:
-        for suffix in sorted(units, key=len, reverse=True):
-            if t.endswith(suffix):
-                return int(float(t[: -len(suffix)]) * units[suffix])
-        return int(float(t))
+        suffix = next((u for u in sorted(units, key=len, reverse=True) if t.endswith(u)), "")
+        number = float(t[: len(t) - len(suffix)])
+        if not 0 <= number < float("inf"):
+            raise ValueError
+        return int(number * units.get(suffix, 1))
     except ValueError:
         raise ValueError(f"{text!r} is not a size: give e.g. 80GB, 141GiB or 512MB") from None
 

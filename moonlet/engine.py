@@ -16,6 +16,7 @@ ids.
 from __future__ import annotations
 
 import itertools
+import operator
 import queue
 import random
 import threading
@@ -155,6 +156,13 @@ class Engine:
         self.tokenizer = tokenizer
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        for name, value in (("max_batch_size", max_batch_size), ("prefill_chunk", prefill_chunk or 1),
+                            ("block_size", block_size)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"Engine({name}={value!r}): must be an integer >= 1")
+        if max_seq_len is not None and max_seq_len > cfg.max_position_embeddings:
+            raise ValueError(f"Engine(max_seq_len={max_seq_len}): the model's context (max_position_embeddings) "
+                             f"is {cfg.max_position_embeddings}")
         self.max_batch_size = max_batch_size
         if max_seq_len is None:  # as much context per slot as the cache budget allows
             if kv_cache_bytes is None:
@@ -195,7 +203,10 @@ class Engine:
         queue), so that one thread can serve many streams (the server's SSE writer)."""
         params = params or SamplingParams()
         params.validate()
-        prompt_ids = [int(t) for t in prompt_ids]
+        try:  # index(): ints, numpy ints and integer tensors pass; 1.5 is not a token id
+            prompt_ids = [operator.index(t) for t in prompt_ids]
+        except TypeError:
+            raise ValueError(f"prompt_ids must be integer token ids, got {list(prompt_ids)[:5]!r}") from None
         if not prompt_ids:
             raise ValueError("prompt_ids is empty: the engine needs at least one prompt token")
         bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]

@@ -434,6 +434,9 @@ def cli_bench_prefix_cache(argv: list[str]) -> int:
     model = _load_model(args)
     gen = torch.Generator().manual_seed(0)
     V, P, S = model.cfg.vocab_size, args.prefix_len, args.suffix_len
+    if P + S + 2 > model.cfg.max_position_embeddings:
+        ap.error(f"--prefix-len {P} + --suffix-len {S} (+ 2) is over the model's context "
+                 f"({model.cfg.max_position_embeddings})")
     prefix = torch.randint(0, V, (P,), generator=gen).tolist()
     engine = Engine(model, None, max_batch_size=1, max_seq_len=P + S + 2)
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)

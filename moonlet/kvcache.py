@@ -518,15 +518,17 @@ class PrefixCache:
         if self.max_bytes <= 0:
             return
         bs = self.block_size
+        chain = set()  # this prompt's blocks so far: evicting one of them would orphan the blocks after it
         for b, key in self._keys(tokens):
+            chain.add(key)
             if key in self.blocks:
                 self.blocks.move_to_end(key)
                 continue
             block = kv[:, b * bs : (b + 1) * bs].clone()
             nbytes = block.numel() * block.element_size()
-            if nbytes > self.max_bytes:
-                return
             while self.bytes + nbytes > self.max_bytes:
+                if not self.blocks or next(iter(self.blocks)) in chain:
+                    return  # the cap holds only a head of this prompt: keep it, store no more
                 _, (_, old) = self.blocks.popitem(last=False)
                 self.bytes -= old.numel() * old.element_size()
             self.blocks[key] = (self._next_id, block)

@@ -41,6 +41,8 @@ class SamplingParams:
         need(self.max_thinking_tokens is None or self.max_thinking_tokens >= 0, "max_thinking_tokens",
              "must be >= 0 or None")
         need(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        need(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 1 << 64), "seed",
+             "must be None or an integer in [0, 2**64) (torch.Generator's range)")
 
 
 def stop_split(tokenizer, pending: list[int], stops: tuple[str, ...]) -> tuple[list[int], list[int], bool]:

@@ -61,7 +61,8 @@ def test_bad_input_is_one_line_on_stderr_and_exit_1_not_a_traceback(tmp_path, ca
     assert len(err.strip().splitlines()) == 2
 
 
-@pytest.mark.parametrize("argv", [["--max-tokens", "0"], ["--temperature", "-1"], ["--stop="], ["--threads", "0"]])
+@pytest.mark.parametrize("argv", [["--max-tokens", "0"], ["--temperature", "-1"], ["--stop="], ["--threads", "0"],
+                                  ["--seed", "99999999999999999999999"], ["--seed", "-1"]])
 def test_generate_refuses_bad_options_before_loading_the_model(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", "tiny", "--prompt", "hi", *argv])
@@ -87,7 +88,7 @@ def test_info_memory_reports_the_cache_tokens_that_fit_and_one_sequences_limit(c
     fit = json.loads(capsys.readouterr().out)["context_tokens_that_fit"]
     assert fit["bf16_weights"] == 0 < fit["int4_expert_weights"] < fit["cache_only"]  # 2 TB of bf16 does not fit
     assert fit["one_sequence_at_most"] == 262144
-    for bad in (["--memory", "lots"], ["--context", "-1"]):
+    for bad in (["--memory", "lots"], ["--memory", "infGB"], ["--memory", "-1GB"], ["--context", "-1"]):
         with pytest.raises(SystemExit):
             main(["info", "tiny", *bad])
     assert "is not a size" in capsys.readouterr().err

@@ -381,6 +381,13 @@ def test_prefix_cache_evicts_least_recently_used_blocks_under_its_memory_cap():
     torch.testing.assert_close(cache.lookup(b + [1])[1], kv[:, 16:32])
 
 
+def test_a_prompt_longer_than_the_cap_keeps_its_head_not_an_unreachable_tail():
+    cache = PrefixCache(max_bytes=4 * 16, block_size=4)  # four blocks of 4 fp32 values
+    cache.insert(list(range(32)), torch.arange(32.0).view(1, 32, 1))
+    hit = cache.lookup(list(range(32)))
+    assert len(hit) == 4 and torch.cat(hit, dim=1).flatten().tolist() == list(range(16))
+
+
 # --------------------------------------------------------------------------------------------- threads, limits
 
 
@@ -461,6 +468,20 @@ def test_bad_requests_are_refused_with_a_clear_error(tiny):
         eng.submit(list(range(40)), GREEDY)
     with pytest.raises(ValueError, match="top_p"):
         eng.submit([1, 2], SamplingParams(top_p=0))
+    with pytest.raises(ValueError, match="integer token ids"):
+        eng.submit([1, 2.5], GREEDY)
+    for seed in (-1, 2**64, 1.5):  # torch.Generator refuses these: caught here, not in the loop that serves all
+        with pytest.raises(ValueError, match="seed"):
+            eng.submit([1, 2], SamplingParams(seed=seed))
+    edge = eng.submit([1, 2], SamplingParams(seed=2**64 - 1, max_tokens=2)).result()
+    assert edge.finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("kw", [{"max_batch_size": 0}, {"prefill_chunk": -1}, {"block_size": 0},
+                                {"max_seq_len": 10**9}])
+def test_an_engine_with_impossible_sizes_is_refused_when_built(tiny, kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        Engine(tiny, **kw)
 
 
 def test_a_full_cache_slot_ends_generation_with_length(tiny):
@@ -539,6 +560,9 @@ def test_prefix_cache_bench_reports_the_hit_as_cached_tokens(capsys):
                                    "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["cached_tokens"] == 128 and result["ttft_hit_ms"] > 0 and result["ttft_miss_ms"] > 0
+    with pytest.raises(SystemExit):  # tiny's context is 32768
+        cli_bench_prefix_cache(["--model", "tiny", "--prefix-len", "40000"])
+    assert "over the model's context" in capsys.readouterr().err
 
 
 def test_decode_bench_runs_hf_on_the_same_weights_and_int4_against_bf16_in_one_process(capsys):
