@@ -203,6 +203,9 @@ class Engine:
         queue), so that one thread can serve many streams (the server's SSE writer)."""
         params = params or SamplingParams()
         params.validate()
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need the engine's tokenizer to match text (Engine(model, tokenizer)); "
+                             "use stop_token_ids with raw ids")
         try:  # index(): ints, numpy ints and integer tensors pass; 1.5 is not a token id
             prompt_ids = [operator.index(t) for t in prompt_ids]
         except TypeError:
@@ -544,7 +547,7 @@ class Engine:
     def _release(self, req: Request) -> bool:
         """Move pending tokens to output_ids, holding back a tail that may begin a stop string. Returns True
         when a stop string appeared: the pending ids then end exactly before it (see stop_split)."""
-        if req.params.stop and self.tokenizer is not None:
+        if req.params.stop:
             release, _, stopped = stop_split(self.tokenizer, req._pending, req.params.stop)
             if stopped:
                 req._pending = release  # _finish releases them

@@ -468,6 +468,8 @@ def test_bad_requests_are_refused_with_a_clear_error(tiny):
         eng.submit(list(range(40)), GREEDY)
     with pytest.raises(ValueError, match="top_p"):
         eng.submit([1, 2], SamplingParams(top_p=0))
+    with pytest.raises(ValueError, match="tokenizer"):  # this engine has none to match text with
+        eng.submit([1, 2], SamplingParams(stop=("\n",)))
     with pytest.raises(ValueError, match="integer token ids"):
         eng.submit([1, 2.5], GREEDY)
     for seed in (-1, 2**64, 1.5):  # torch.Generator refuses these: caught here, not in the loop that serves all
