@@ -287,6 +287,7 @@ class StreamParser:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._seen_think = False
         self._dropped = False
+        self.cut_call: int | None = None  # the index of a tool call the output ended inside (a stop, a length)
 
     @property
     def reasoning(self) -> str:
@@ -350,6 +351,8 @@ class StreamParser:
             self._error(f"tool call {len(self.tool_calls)}: output ended inside its id")
             if self._id.strip():
                 self._open_call()
+        if self.state in ("call_id", "args") and self.tool_calls:
+            self.cut_call = len(self.tool_calls) - 1
         if self.state == "args":
             self._error(f"tool call {len(self.tool_calls) - 1}: output ended before <|tool_call_end|>")
             self._close_call()

@@ -201,8 +201,10 @@ class Choice:
 
     def finish_reason(self) -> str:
         r = self.request.finish_reason or "stop"
-        if r == "stop" and self.parser.tool_calls:
-            return "tool_calls"
+        cut = self.parser.cut_call
+        visible = len(self.parser.tool_calls) if self.parallel else min(1, len(self.parser.tool_calls))
+        if r == "stop" and visible and (cut is None or cut >= visible):
+            return "tool_calls"  # not for a call a stop string cut off: its arguments are half a JSON object
         return r
 
     def message(self) -> dict:

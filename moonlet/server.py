@@ -192,7 +192,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _auth(self) -> None:
         key = self.server.api_key
-        if key and not hmac.compare_digest(self.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
+        scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
+        if key and not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())):
             raise APIError(401, "Invalid or missing API key: send 'Authorization: Bearer <key>' matching "
                            "the server's --api-key", None, "invalid_api_key")
 
@@ -210,6 +211,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         try:
+            self._read_body()  # a GET may carry one: unread, it would be parsed as the next request
             if path == "/health":
                 return self._json(200, {"status": "ok"})
             if path == "/metrics":
@@ -235,19 +237,26 @@ class Handler(BaseHTTPRequestHandler):
         ctype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
         self._send(200, file.read_bytes(), ctype, {"Cache-Control": "no-cache"})
 
+    def _read_body(self, required: bool = False) -> bytes:
+        """The request body, read before any reply so that a kept-alive connection stays in sync."""
+        values = set(self.headers.get_all("Content-Length") or [])
+        if not values and not required and "Transfer-Encoding" not in self.headers:
+            return b""
+        n = int(next(iter(values))) if len(values) == 1 and next(iter(values)).strip().isdigit() else -1
+        if 0 <= n <= MAX_BODY:
+            return self.rfile.read(n)
+        self.close_connection = True  # the body cannot be skipped: answer, then close the connection
+        if len(values) > 1:  # RFC 9112 6.3: a message framed two ways is refused (request smuggling)
+            raise APIError(400, "conflicting Content-Length headers")
+        if n < 0:
+            raise APIError(411, "a Content-Length header is required")
+        raise APIError(413, f"request body of {n} bytes is over the {MAX_BODY}-byte limit")
+
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
         t0 = time.monotonic()
         try:
-            try:
-                n = int(self.headers.get("Content-Length") or -1)
-            except ValueError:
-                n = -1
-            if n < 0 or n > MAX_BODY:  # the body cannot be skipped: answer, then close the connection
-                self.close_connection = True
-                raise APIError(411 if n < 0 else 413, "a Content-Length header is required" if n < 0 else
-                               f"request body of {n} bytes is over the {MAX_BODY}-byte limit")
-            raw = self.rfile.read(n)  # read before any error reply, so a kept-alive connection stays in sync
+            raw = self._read_body(required=True)
             self._auth()
             if path != "/v1/chat/completions":
                 raise APIError(404, f"no route POST {path}; moonlet serves POST /v1/chat/completions", None,
@@ -339,8 +348,8 @@ class Handler(BaseHTTPRequestHandler):
                         pass
             with m.lock:
                 m.running -= 1
-            if any(c.request.finish_reason == "cancelled" for c in choices):
-                status = "cancelled"
+            reasons = {c.request.finish_reason for c in choices}
+            status = "cancelled" if "cancelled" in reasons else "500" if "error" in reasons else status
             m.inc(f'requests_total{{status="{status}"}}')
             m.observe("request_latency", time.monotonic() - t0)
             if status == "200":
@@ -362,9 +371,9 @@ class Handler(BaseHTTPRequestHandler):
             c.finish()
         if choices[0].request.ttft is not None:
             self.server.metrics.observe("time_to_first_token", choices[0].request.ttft)
-        if any(c.request.finish_reason == "error" for c in choices):
-            return self._error(APIError(500, "the engine failed while generating", None, "engine_error",
-                                        "server_error"))
+        if any(c.request.finish_reason == "error" for c in choices):  # (counted by _complete, not _error)
+            err = APIError(500, "the engine failed while generating", None, "engine_error", "server_error")
+            return self._send(500, json.dumps(err.body()).encode())
         if any(c.request.finish_reason == "cancelled" for c in choices):
             return
         out = self._header("chat.completion", "chatcmpl-" + uuid.uuid4().hex)
@@ -379,7 +388,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
+        if self.request_version == "HTTP/1.0":  # no chunked encoding there: the close ends the stream
+            stream.chunked, self.close_connection = False, True
+        else:
+            self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         stream.head = self._header("chat.completion.chunk", "chatcmpl-" + uuid.uuid4().hex)
         for c in stream.choices:

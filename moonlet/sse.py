@@ -36,6 +36,7 @@ class Stream:
         self._read: dict[int, int] = {}  # choice index -> tokens of its request already parsed
         self._live: set[int] = set()
         self.last_progress = time.monotonic()
+        self.chunked = True  # HTTP/1.1; an HTTP/1.0 client gets the raw events and the connection's close ends them
 
     def listener(self, request) -> None:  # on the engine thread: only say there is news
         self.writer.news.put(self)
@@ -49,7 +50,7 @@ class Stream:
 
     def _event(self, data: bytes) -> None:  # one SSE event as one HTTP chunk
         data = b"data: " + data + b"\n\n"
-        self.out += b"%x\r\n%s\r\n" % (len(data), data)
+        self.out += b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data
 
     def sse(self, obj: dict | str) -> None:
         self._event(obj.encode() if isinstance(obj, str) else json.dumps(obj).encode())
@@ -93,7 +94,8 @@ class Stream:
         if self.include_usage:
             self.sse(self.head | {"choices": [], "usage": usage_of(requests)})
         self.sse("[DONE]")
-        self.out += b"0\r\n\r\n"
+        if self.chunked:
+            self.out += b"0\r\n\r\n"
         self.ending = True
 
     def flush(self) -> bool:

@@ -132,6 +132,67 @@ def test_a_nul_byte_in_a_static_path_is_a_404_and_head_is_answered(servers):
     conn.close()
 
 
+def http_exchange(base: str, data: bytes) -> bytes:
+    """Send raw bytes on one connection and read until the server closes it."""
+    u = urlsplit(base)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+def test_http_framing_a_get_body_two_lengths_and_an_http_1_0_stream(servers):
+    base = servers["scripted"]
+    # a GET with a body, then a second request on the same connection: the body is not read as a request line
+    out = http_exchange(base, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\n{\"a\":1}"
+                              b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert out.count(b"HTTP/1.1 200 OK") == 2 and b"501" not in out
+    body = json.dumps({"model": "tiny", "messages": user("hi"), "stream": True}).encode()
+    out = http_exchange(base, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                              b"Content-Length: 3\r\n\r\n%s" % (len(body), body))
+    assert out.startswith(b"HTTP/1.1 400") and b"conflicting Content-Length" in out  # RFC 9112 6.3
+    out = http_exchange(base, b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
+                        % (len(body), body))
+    head, _, events = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower()  # 1.0 has no chunked encoding
+    assert events.startswith(b"data: {") and events.endswith(b"data: [DONE]\n\n")
+    text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or ""
+                   for e in events.split(b"\n\n") if e.startswith(b"data: {"))
+    assert text == "Hello! How can I help?"
+
+
+def test_an_engine_failure_is_one_500_in_the_metrics_and_adds_no_tokens(monkeypatch):
+    """In process with the real engine and a fault planted in the router (a valid model cannot fail on demand)."""
+    import moonlet.server as server_mod
+    from moonlet import model
+
+    srv = server_mod.make_server("tiny", port=0, max_model_len=256)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
+
+        def broken(self, x):
+            raise RuntimeError("injected router fault")
+
+        monkeypatch.setattr(model.Router, "forward", broken)
+        with pytest.raises(openai.InternalServerError) as e:
+            client.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=4)
+        assert e.value.body["code"] == "engine_error"
+        with pytest.raises(openai.APIError):  # streamed: an error event after the 200 head
+            list(client.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=4, stream=True))
+        m = metrics(base)
+        assert metric(m, 'moonlet_requests_total{status="500"}') == 2
+        assert metric(m, 'moonlet_requests_total{status="200"}') == 0
+        assert metric(m, "moonlet_completion_tokens_total") == 0
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        srv.engine.stop()
+
+
 def test_models_health_and_metrics_endpoints(real, servers):
     assert [m.id for m in real.models.list().data] == ["tiny"]
     with urllib.request.urlopen(servers["real"] + "/health", timeout=10) as r:
@@ -390,6 +451,9 @@ def test_api_key_is_required_when_set(servers):
         client.models.list()
     status, body = raw_post(servers["real"], b"{}")  # no Authorization header at all
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    for header in (f"bearer {KEY}", f"Bearer  {KEY} "):  # RFC 7235: the scheme is case-insensitive
+        status, body = raw_post(servers["real"], b"{}", {"Authorization": header})
+        assert status == 400, body  # past the key check, to the body's validation
 
 
 # --------------------------------------------------------------------- protocol paths (scripted testing aid)
@@ -471,6 +535,19 @@ def test_parallel_tool_calls_false_keeps_only_the_first_call(scripted):
     one = scripted.chat.completions.create(**kw, parallel_tool_calls=False).choices[0].message.tool_calls
     assert [c.id for c in both] == ["functions.get_weather:0", "functions.get_weather:1"]
     assert [c.id for c in one] == ["functions.get_weather:0"]
+
+
+def test_a_stop_string_that_cuts_a_tool_call_short_is_not_reported_as_tool_calls(scripted):
+    """Half a JSON object is not a call to run: finish_reason says "stop" unless every returned call closed."""
+    kw = dict(model="tiny", messages=user("weather in two cities"), tools=[WEATHER_TOOL], max_tokens=200,
+              stop=["Rome"])
+    r = scripted.chat.completions.create(**kw).choices[0]
+    assert r.finish_reason == "stop" and r.message.tool_calls[1].function.arguments == '{"city": "'
+    streamed = [c.choices[0].finish_reason for c in scripted.chat.completions.create(**kw, stream=True)]
+    assert streamed[-1] == "stop"
+    first_only = scripted.chat.completions.create(**kw, parallel_tool_calls=False).choices[0]
+    assert first_only.finish_reason == "tool_calls" and first_only.message.tool_calls[0].function.arguments == \
+        '{"city": "Oslo"}'
 
 
 def test_tool_choice_named_and_required_force_a_call(scripted):
