@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from moonlet.agent.search import Index, build_index, cli_index, fts_query, index_for, search_tools
+from moonlet.agent.search import Index, build_index, cli_index, fts_query, index_for, search_tools, snippet
 from moonlet.agent.tools import ToolError
 
 DOCS = {
@@ -88,6 +88,16 @@ def test_search_tool_returns_ids_titles_and_snippets(collection):
     assert out.startswith("1. [animals/otter.md] Sea otter\n   ")
     assert "marine mammal" in out
     assert "no documents match" in search({"query": "zzzqqq"})
+
+
+def test_a_snippet_shows_the_words_around_the_first_match_and_marks_what_it_leaves_out(collection):
+    idx = Index(collection[0] / "index.sqlite")
+    assert "secret cargo was a crate of saffron" in idx.search("saffron")[0].snippet
+    assert idx.search("saffron")[0].snippet.startswith("... ")
+    body = "filler " * 5000 + "the striped zebra sleeps. " + "zebra " * 50_000  # 300 KB, 50k matches
+    cut = snippet(body, ["striped zebra"], words=6)
+    assert cut == "... filler the striped zebra sleeps. zebra ..."  # a third of the words before the match
+    assert snippet("a b c", ["nothing"]) == "a b c" and snippet("", ["x"]) == ""
 
 
 def test_open_pages_long_documents_at_line_ends(collection):

@@ -156,13 +156,34 @@ class Hit:
     score: float  # BM25 (higher is better here)
 
 
-def fts_query(query: str) -> str:
-    """A free-text query as an FTS5 expression: "quoted phrases" kept, other words OR-ed (BM25 ranks docs
-    that match more and rarer words first), so punctuation in the query can never be a syntax error."""
+def query_terms(query: str) -> list[str]:
+    """The "quoted phrases" and the other words of a free-text query, each once."""
     phrases = re.findall(r'"([^"]+)"', query)
     words = re.findall(r"\w+", re.sub(r'"[^"]*"', " ", query))
     terms = [" ".join(re.findall(r"\w+", p)) for p in phrases] + words
-    return " OR ".join(f'"{t}"' for t in dict.fromkeys(t for t in terms if t))
+    return list(dict.fromkeys(t for t in terms if t))
+
+
+def fts_query(query: str) -> str:
+    """A free-text query as an FTS5 expression: phrases kept, words OR-ed (BM25 ranks docs that match more
+    and rarer words first), so punctuation in the query can never be a syntax error."""
+    return " OR ".join(f'"{t}"' for t in query_terms(query))
+
+
+def snippet(body: str, terms: list[str], words: int = 24) -> str:
+    """About `words` words of body around the first match of a term, "..." where text is left out. (FTS5's
+    snippet() takes time quadratic in a document's matches: 10 s on a 250 KB file repeating the word.)"""
+    pattern = "|".join(r"\b" + r"\W+".join(map(re.escape, t.split())) + r"\b" for t in terms)
+    m = re.search(pattern, body, re.IGNORECASE) if pattern else None
+    at = m.start() if m else 0  # (a match only FTS sees, e.g. across diacritics: the start of the body)
+    reach = 40 * words  # characters each side that surely hold enough words
+    before = body[max(0, at - reach): at].split()
+    after = body[at: at + reach].split()
+    left = before[len(before) - words // 3:] if before else []
+    right = after[: words - len(left)]
+    head = " ... " if at > reach or len(before) > len(left) else ""
+    tail = " ... " if at + reach < len(body) or len(after) > len(right) else ""
+    return (head + " ".join(left + right) + tail).strip()
 
 
 class Index:
@@ -178,15 +199,15 @@ class Index:
         return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
 
     def search(self, query: str, k: int = 5) -> list[Hit]:
-        q = fts_query(query)
-        if not q:
+        terms = query_terms(query)
+        if not terms:
             return []
         with self._db() as db:
             rows = db.execute(
-                f"SELECT d.id, d.title, snippet(fts, 1, '', '', ' ... ', 24), bm25(fts, {TITLE_WEIGHT}, 1.0) AS s"
+                f"SELECT d.id, d.title, d.body, bm25(fts, {TITLE_WEIGHT}, 1.0) AS s"
                 " FROM fts JOIN docs d ON d.rowid = fts.rowid WHERE fts MATCH ? ORDER BY s LIMIT ?",
-                (q, max(1, k))).fetchall()
-        return [Hit(i, t, " ".join(s.split()), -score) for i, t, s, score in rows]
+                (fts_query(query), max(1, k))).fetchall()
+        return [Hit(i, t, snippet(body, terms), -score) for i, t, body, score in rows]
 
     def document(self, doc_id: str) -> tuple[str, str] | None:
         with self._db() as db:
