@@ -88,6 +88,17 @@ def test_the_latest_outputs_are_hidden_too_when_needed_and_context_full_after_th
         ContextManager(5, COUNT).fit(msgs)
 
 
+def test_the_agent_command_says_why_the_context_is_full_and_exits_1(tmp_path, capsys):
+    from moonlet.agent.cli import cli_agent
+
+    turns = tmp_path / "s.json"
+    turns.write_text(json.dumps([{"content": "never reached"}]))
+    code = cli_agent(["q", "--scripted", str(turns), "--context-limit", "600", "--max-tokens", "500",
+                      "--trace", str(tmp_path / "t.jsonl"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the context is full" in err and "the limit is 100" in err and "max_tokens 500" in err
+
+
 def test_a_300_step_run_keeps_every_prompt_under_the_context_limit():
     @tool
     def read(page: int) -> str:

@@ -101,6 +101,21 @@ def test_heavy_resume_continues_only_unfinished_trajectories(tmp_path):
     assert again.answer == h.answer and len(be.calls) == 2  # finished: nothing runs
 
 
+def test_when_every_trajectory_fails_there_is_no_answer_and_a_resume_retries_them(tmp_path):
+    def down(messages, tools, **kw):
+        raise ConnectionError("backend down")
+
+    path = tmp_path / "t.jsonl"
+    with Trace(path) as tr:
+        h = run_heavy(make(ScriptedBackend(down)), ScriptedBackend(down), "Capital?", 3, trace=tr)
+    assert (h.answer, h.method) == ("", "error") and "backend down" in h.error
+    assert not any(r["type"] == "aggregate" for r in read_trace(path))  # no answer was recorded as final
+    be = ScriptedBackend(heavy_script())
+    with Trace(path) as tr:
+        again = run_heavy(make(be), be, "Capital?", 3, trace=tr, resume=read_trace(path))
+    assert (again.answer, again.method) == ("Paris, agreed", "aggregate")
+
+
 # ------------------------------------------------------------------------------------- the real engine
 
 @pytest.fixture(scope="module")

@@ -212,26 +212,36 @@ def cli_agent(argv: list[str]) -> int:
     ap = agent_parser()
     args = ap.parse_args(argv)
     records = None
-    if args.resume:
-        from moonlet.agent.trace import read_trace
+    from moonlet.agent.trace import Printer, Trace, read_trace, replay
 
+    if args.resume:
         try:
             records = read_trace(args.resume)
         except (OSError, ValueError) as e:
             raise SystemExit(f"moonlet: --resume: {e}") from None
         stored = records[0].get("meta", {}).get("cli", {})
-        args = argparse.Namespace(**(vars(args) | stored | explicit_args(agent_parser(), argv)))
+        explicit = explicit_args(agent_parser(), argv)
+        if "heavy" in explicit and explicit["heavy"] != stored.get("heavy", 1):
+            raise SystemExit(f"moonlet: --resume: the trace ran --heavy {stored.get('heavy', 1)}; a resume "
+                             "continues those trajectories (drop --heavy, or start a new run)")
+        args = argparse.Namespace(**(vars(args) | stored | explicit))
         args.trace = args.resume
+        try:  # a hand-edited or foreign trace: say so here, not as a traceback mid-run
+            for traj in sorted({r.get("traj") for r in records if r.get("type") == "start"}, key=str):
+                replay(records, traj)
+        except (KeyError, TypeError, ValueError) as e:
+            raise SystemExit(f"moonlet: --resume {args.resume}: not a trace moonlet can continue ({e!r})") from None
     elif not args.question:
         ap.error("give a question (or --resume TRACE)")
     cli_meta = {k: v for k, v in vars(args).items() if k not in ("resume", "trace", "json", "quiet", "yes")}
 
-    from moonlet.agent.trace import Printer, Trace, replay
-
     backend, model_ctx = make_backend(args)
     resolve_limits(args, model_ctx)
     tools = make_tools(args.tools, args.docs)
-    trace_path = Path(args.trace or f"runs/agent/{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    trace_path = Path(args.trace or f"runs/agent/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl")
+    if not args.resume and trace_path.exists() and trace_path.stat().st_size:
+        raise SystemExit(f"moonlet: --trace {trace_path} already holds a run: continue it with --resume "
+                         f"{trace_path}, or give another path")
     trace = Trace(trace_path)
     printer = None if args.quiet else Printer(sys.stdout)
     approve = (lambda call, tool: True) if args.yes else terminal_approver()
@@ -256,15 +266,17 @@ def cli_agent(argv: list[str]) -> int:
             h = run_heavy(make_agent, backend, args.question, args.heavy, trace=trace, resume=records,
                           max_tokens=args.max_tokens, max_thinking_tokens=args.max_thinking_tokens,
                           temperature=args.temperature, on_record=printer, meta=meta)
-            answer, stop, steps, usage = h.answer, h.method, h.steps, h.usage
+            answer, stop, steps, usage, error = h.answer, h.method, h.steps, h.usage, h.error
             cost = budget_from(args).cost(usage)
         else:
             agent = make_agent()
             r = agent.run(args.question, resume=replay(records) if records else None, meta=meta)
-            answer, stop, steps, usage, cost = r.answer, r.stop_reason, r.steps, r.usage, r.cost
-            if r.error:
-                print(f"moonlet agent: stopped on an error: {r.error}\n(resume with: moonlet agent --resume "
-                      f"{trace_path})", file=sys.stderr)
+            answer, stop, steps, usage, cost, error = r.answer, r.stop_reason, r.steps, r.usage, r.cost, r.error
+        if stop == "error":
+            print(f"moonlet agent: stopped on an error: {error}\n(resume with: moonlet agent --resume "
+                  f"{trace_path})", file=sys.stderr)
+        elif stop == "context_full":
+            print(f"moonlet agent: stopped, the context is full: {error}", file=sys.stderr)
     except KeyboardInterrupt:  # heavy mode: trajectories record their own ends
         answer, stop, steps, usage, cost = "", "interrupted", 0, empty_usage(), 0.0
     finally:
@@ -276,7 +288,7 @@ def cli_agent(argv: list[str]) -> int:
     if args.json:
         print(json.dumps({"answer": answer, "stop_reason": stop, "steps": steps, "usage": usage,
                           "cost": cost, "wall_s": round(time.monotonic() - t0, 3), "trace": str(trace_path)}))
-    return 130 if stop == "interrupted" else 1 if stop == "error" else 0
+    return 130 if stop == "interrupted" else 1 if stop in ("error", "context_full") else 0
 
 
 

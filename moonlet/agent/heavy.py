@@ -35,7 +35,7 @@ format the question asks for.
 @dataclass
 class HeavyResult:
     answer: str
-    method: str  # "aggregate" | "vote"
+    method: str  # "aggregate" | "vote" | "error" (every trajectory failed: no answer, nothing recorded)
     results: list[Result]
     usage: dict = field(default_factory=empty_usage)
     elapsed: float = 0.0
@@ -156,6 +156,10 @@ def run_heavy(make_agent: Callable[[int], Agent], backend: Backend, question: st
     for r in done:
         for k in USAGE_KEYS:
             usage[k] += r.usage[k]
+    failed = [r for r in done if r.stop_reason == "error"]
+    if failed and len(failed) == len(done):  # nothing to aggregate; no record, so a resume retries them all
+        return HeavyResult("", "error", done, usage, time.monotonic() - t0, None,
+                           f"every trajectory ended on an error, the first: {failed[0].error}")
     answers = [r.answer for r in done]
     turn, method, answer, error = None, "vote", "", None
     try:

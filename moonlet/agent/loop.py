@@ -69,7 +69,7 @@ class Result:
     cost: float
     elapsed: float
     messages: list[dict] = field(repr=False, default_factory=list)
-    error: str | None = None  # stop_reason "error": what went wrong (backend unreachable, prompt too long...)
+    error: str | None = None  # "error" / "context_full": what went wrong (backend unreachable, prompt too long...)
 
     @property
     def total_tokens(self) -> int:
@@ -176,8 +176,9 @@ class Agent:
                 if self.context is not None:
                     try:
                         view, newly = self.context.fit(messages, self.specs)
-                    except ContextFull:
-                        stop = "context_full"
+                    except ContextFull as e:
+                        stop, error = "context_full", (f"{e} (the context limit less max_tokens "
+                                                       f"{self.budget.max_tokens_per_step} for the reply)")
                         break
                     if newly:
                         self.emit({"type": "hide", "ids": newly})
