@@ -56,6 +56,15 @@ def test_type_schema_covers_nested_containers_and_refuses_unknown_types():
         tool(lambda x: x)
 
 
+@pytest.mark.parametrize("use_jsonschema", [True, False])
+def test_a_whole_float_is_an_integer_argument_as_in_json_schema(use_jsonschema, monkeypatch):
+    if not use_jsonschema:
+        monkeypatch.setitem(sys.modules, "jsonschema", None)
+    assert '"seats": 2,' in book_flight({"origin": "A", "dest": "B", "seats": 2.0})
+    with pytest.raises(ToolError, match="seats"):
+        book_flight({"origin": "A", "dest": "B", "seats": 2.5})
+
+
 def test_calling_a_tool_validates_and_returns_a_string():
     out = book_flight({"origin": "HND", "dest": "NRT", "seats": 2})
     assert isinstance(out, str) and '"route": "HND-NRT"' in out
@@ -115,7 +124,7 @@ def test_calculator_computes_exact_values(expr, want):
 @pytest.mark.parametrize("expr, msg", [
     ("__import__('os').system('true')", "unsupported"), ("open('/etc/passwd')", "unsupported"),
     ("(1).__class__", "unsupported"), ("[x for x in range(9)]", "unsupported"), ("lambda: 1", "unsupported"),
-    ("9**9**9", "too large"), ("factorial(10**6)", "too large"), ("1/0", "ZeroDivisionError"),
+    ("9**9**9", "too large"), ("factorial(10**6)", "too large"), ("factorial(19999)", "too large"), ("1/0", "ZeroDivisionError"),
     ("sqrt(-1)", "ValueError"), ("2 +", "cannot parse"), ("x + 1", "unsupported"), ("1" * 20_000, "too long"),
 ])
 def test_calculator_refuses_code_and_runaway_results_with_tool_errors(expr, msg):

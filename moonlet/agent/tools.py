@@ -96,8 +96,9 @@ def _check(value: Any, schema: dict, path: str) -> str | None:
         return f"{path} must be one of {schema['enum']}, got {value!r}"
     if "type" in schema:
         names = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        ok = any(isinstance(value, _JSON_TYPES[t]) and not (isinstance(value, bool) and t in ("integer", "number"))
-                 for t in names)
+        whole = isinstance(value, float) and value.is_integer()  # JSON Schema: 2.0 is an integer
+        ok = any((isinstance(value, _JSON_TYPES[t]) or (t == "integer" and whole))
+                 and not (isinstance(value, bool) and t in ("integer", "number")) for t in names)
         if not ok:
             return f"{path} must be {' or '.join(names)}, got {type(value).__name__} {value!r:.60}"
     if isinstance(value, list) and "items" in schema:
@@ -186,6 +187,9 @@ class Tool:
             except json.JSONDecodeError as e:
                 raise ToolError(f"the arguments are not valid JSON ({e.msg} at char {e.pos})") from None
         validate(arguments, self.parameters)
+        props = self.parameters.get("properties", {})  # JSON Schema counts 1.0 as an integer; Python does not
+        arguments = {k: int(v) if isinstance(v, float) and props.get(k, {}).get("type") == "integer" else v
+                     for k, v in arguments.items()}
         try:
             out = self.fn(**arguments)
         except ToolError:
@@ -244,7 +248,10 @@ def _eval(node: ast.AST) -> Any:
         args = [_eval(a) for a in node.args]
         if node.func.id in ("factorial", "comb", "perm") and any(isinstance(a, int) and a > 20_000 for a in args):
             raise ToolError(f"{node.func.id} argument too large (max 20000)")
-        return _FUNCS[node.func.id](*args)
+        out = _FUNCS[node.func.id](*args)
+        if _big(out):
+            raise ToolError(f"result too large (more than {_MAX_BITS} bits)")
+        return out
     what = ast.unparse(node) if hasattr(ast, "unparse") else type(node).__name__
     raise ToolError(f"unsupported expression {what!r}: use numbers, + - * / // % **, parentheses, "
                     f"constants {sorted(_CONSTS)} and functions {sorted(_FUNCS)}")
@@ -281,7 +288,8 @@ def evaluate(expression: str) -> Any:
 
 @tool
 def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression exactly (integers are unbounded) and return the result.
+    """Evaluate an arithmetic expression and return the result: integers exactly (up to 100,000 bits),
+    decimals to 15 significant digits.
 
     Args:
         expression: e.g. "(17 * 23 + 4) / 7", "2**64 % 1000", "sqrt(2) * pi", "factorial(20)".
