@@ -255,6 +255,44 @@ def test_a_trace_that_holds_a_run_is_continued_only_by_resume_and_as_it_was_run(
         cli_agent(["--resume", str(bad), "--scripted", str(turns)])
 
 
+def sandboxes() -> set[str]:
+    """Running sandboxed scripts, by their command lines (which name their temp dirs)."""
+    found = set()
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"moonlet-sbx-" in cmd:
+            found.add(cmd.decode(errors="replace"))
+    return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_long_tool_call_exits_at_once_and_kills_the_script(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps([
+        {"content": "", "tool_calls": [{"name": "python", "arguments": {"code": "import time; time.sleep(60)"}}]},
+        {"content": "never reached"}]))
+    trace, before = tmp_path / "t.jsonl", sandboxes()
+    proc = subprocess.Popen(agent_cmd("sleep", "--scripted", str(tmp_path / "s.json"), "--tools", "python",
+                                      "--yes", "--trace", str(trace), "--quiet"),
+                            cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (sandboxes() - before) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sandboxes() - before, "the script never started"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=5) == 130  # not when the tool ends (its 10 s timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.5)
+    assert not (sandboxes() - before)  # the script's process group went with the agent
+    assert [r["stop_reason"] for r in read_trace(trace) if r["type"] == "end"] == ["interrupted"]
+
+
 def test_trace_show_prints_the_run_readably(tmp_path, capsys):
     path = tmp_path / "t.jsonl"
     be = ScriptedBackend([{"reasoning_content": "let me compute", "tool_calls": [{"name": "calculator",

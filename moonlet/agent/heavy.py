@@ -127,26 +127,30 @@ def run_heavy(make_agent: Callable[[int], Agent], backend: Backend, question: st
     results: list[Result | None] = [None] * n
     errors: list[BaseException | None] = [None] * n
 
+    finished = [threading.Event() for _ in range(n)]
+
     def work(i: int) -> None:
         try:
             results[i] = agents[i].run(question, messages=messages, resume=states[i], meta=meta)
         except BaseException as e:  # noqa: B036 - re-raised in the caller's thread
             errors[i] = e
+        finally:
+            finished[i].set()
 
-    # daemon threads: Ctrl-C must not wait for a trajectory stuck in a long model call
-    threads = [threading.Thread(target=work, args=(i,), daemon=True, name=f"moonlet-heavy-{i}") for i in range(n)]
-    for t in threads:
-        t.start()
+    # daemon threads: Ctrl-C must not wait for a trajectory stuck in a long model call. Waited for with events,
+    # not join(): a Ctrl-C that interrupts Thread.join() on Python 3.11 marks the live thread as stopped
+    for i in range(n):
+        threading.Thread(target=work, args=(i,), daemon=True, name=f"moonlet-heavy-{i}").start()
     try:
-        for t in threads:
-            while t.is_alive():
-                t.join(0.1)
+        for f in finished:
+            while not f.wait(0.1):
+                pass
     except KeyboardInterrupt:  # each trajectory stops at its next step and records "interrupted"; one stuck
         for a in agents:        # in a long model or tool call is left to die with the process (resume redoes it)
             a.cancel.set()
         deadline = time.monotonic() + INTERRUPT_GRACE_S
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+        for f in finished:
+            f.wait(max(0.0, deadline - time.monotonic()))
         raise
     for e in errors:
         if e is not None:

@@ -15,11 +15,11 @@ Choices that matter for K2 Thinking over hundreds of steps:
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -314,17 +314,27 @@ class Agent:
         for c in calls:  # answered without running: record now
             if c["id"] in outcome:
                 record(c, *outcome[c["id"]])
-        if jobs:
-            pool = ThreadPoolExecutor(min(len(jobs), self.max_workers), thread_name_prefix="moonlet-tool")
-            try:
-                futs = {pool.submit(_call_tool, job[1], job[2]): job for job in jobs}
-                for fut in as_completed(futs):  # record each as it finishes: a crash loses no finished call
-                    c, _, _, warn = futs[fut]
-                    content, error, seconds = fut.result()
-                    outcome[c["id"]] = (warn + content, error)
-                    record(c, warn + content, error, seconds)
-            finally:
-                pool.shutdown(wait=False, cancel_futures=True)
+        if jobs:  # daemon threads (not an executor, which exit joins): Ctrl-C must not wait for a long tool
+            todo, finished = list(jobs), queue.Queue()
+
+            def worker() -> None:
+                while todo:
+                    try:
+                        job = todo.pop(0)
+                    except IndexError:
+                        return
+                    try:
+                        out = _call_tool(job[1], job[2])
+                    except BaseException as e:  # noqa: B036 - a tool's sys.exit() must not leave the loop waiting
+                        out = (f"Error: {type(e).__name__}: {e}", True, 0.0)
+                    finished.put((job, out))
+
+            for _ in range(min(len(jobs), self.max_workers)):
+                threading.Thread(target=worker, daemon=True, name="moonlet-tool").start()
+            for _ in jobs:  # record each as it finishes: a crash loses no finished call
+                (c, _, _, warn), (content, error, seconds) = finished.get()
+                outcome[c["id"]] = (warn + content, error)
+                record(c, warn + content, error, seconds)
         results = [{"role": "tool", "tool_call_id": c["id"], "content": outcome[c["id"]][0]} for c in calls]
         return results, stop
 

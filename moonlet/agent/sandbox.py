@@ -37,6 +37,7 @@ namespace up from inside (it must stay stdlib-only at module level).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
@@ -52,6 +53,18 @@ import time
 from dataclasses import asdict, dataclass
 
 WORKDIR = "/home/sandbox"  # the script's cwd inside the namespace
+_LIVE: dict[int, str] = {}  # process group -> temp dir of the scripts running now (killed at interpreter exit)
+
+
+@atexit.register
+def _kill_live() -> None:
+    """A Ctrl-C leaves tool threads running a script: their process groups (own sessions) would outlive us."""
+    for pgid, tmp in list(_LIVE.items()):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass
@@ -133,7 +146,11 @@ def run_code(code: str, limits: Limits | None = None, isolation: str | None = No
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True, env=env)
-        out, err, violation = _collect(proc, limits)
+        _LIVE[proc.pid] = tmp
+        try:
+            out, err, violation = _collect(proc, limits)
+        finally:
+            _LIVE.pop(proc.pid, None)
         wall = time.monotonic() - t0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
