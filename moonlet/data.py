@@ -85,8 +85,7 @@ def write_dataset(out: Path, splits: dict[str, Iterable[tuple[list[int], list[in
                   with_mask: bool, info: dict) -> dict:
     """Write every split into a temporary directory and rename it into place, so a crash never leaves a
     data directory that looks complete."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out}: is a file, not a data directory")
+    check_out(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -109,6 +108,29 @@ def write_dataset(out: Path, splits: dict[str, Iterable[tuple[list[int], list[in
         shutil.rmtree(out)
     os.replace(tmp, out)
     return meta
+
+
+def read_meta(directory: Path) -> dict | None:
+    """The meta.json of a moonlet data directory, or None when there is none (or it is not ours)."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) and "format" in meta and isinstance(meta.get("splits"), dict) else None
+
+
+def check_out(out: Path, source: Path | None = None) -> None:
+    """--out gets replaced, so it must be empty or a moonlet data directory, and apart from the source:
+    `--out myproject` must never delete myproject/thesis.tex."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file, not a data directory")
+    if source is not None:
+        o, s = out.resolve(), source.resolve()
+        if o == s or o in s.parents or s in o.parents:
+            raise DataError(f"--out {out} overlaps --source {source}; write the data to a directory of its own")
+    if out.is_dir() and any(out.iterdir()) and read_meta(out) is None:
+        raise DataError(f"--out {out} holds other files and no moonlet meta.json; it would be replaced, so "
+                        "choose an empty or new directory")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -246,7 +268,10 @@ def sft_examples(path: str | Path, tokenizer, train_on: str = "live") -> Iterato
 
 
 def _fingerprint(files: list[Path], tokenizer, extra: str) -> str:
-    h = hashlib.sha256(f"{FORMAT}|{extra}|{tokenizer.n_ranks}|{sorted(tokenizer.special.items())[:8]}".encode())
+    """Sources by path, size and mtime; the tokenizer by content (every rank, special token and the split
+    pattern): two tokenizers of one vocabulary size give different ids for the same text."""
+    h = hashlib.sha256(f"{FORMAT}|{extra}|{tokenizer.pat_str}|{sorted(tokenizer.special.items())}".encode())
+    h.update(b"".join(b"%d %d " % (rank, len(token)) + token for token, rank in tokenizer.ranks.items()))
     for f in files:
         st = f.stat()
         h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -279,10 +304,11 @@ def prepare(source: str | Path = PYTHON_DOCS, out: str | Path = "data/python-doc
     files = text_files(source) if kind == "text" else [Path(source)]
     if kind == "sft" and not files[0].is_file():
         raise DataError(f"{source}: no such JSONL file")
+    check_out(out, Path(source))
     fp = _fingerprint(files, tok, f"{kind}|{val_every}")
     meta_file = out / "meta.json"
-    if not force and meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
+    meta = None if force else read_meta(out)
+    if meta is not None:
         if meta.get("fingerprint") == fp:
             if meta.get("tokenizer_dir") != tok_dir:  # made before moonlet recorded it, or the same tokenizer moved
                 meta["tokenizer_dir"] = tok_dir

@@ -60,17 +60,24 @@ def save_checkpoint(run: Path, step: int, model, opt, tc: TrainConfig, data_posi
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     atomic_write(root / "latest", final.name + "\n")
-    for old in sorted(root.glob("step_???????"))[:-keep] if keep > 0 else []:
+    # by step number, and never the one just written (a name sort puts step_10000000 before step_9999999)
+    for old in [p for p in _step_dirs(root)[:-keep] if p != final] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _step_dirs(root: Path) -> list[Path]:
+    """checkpoints/step_N directories (not .tmp ones), oldest step first."""
+    dirs = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[5:]))
+
+
 def latest_checkpoint(run: Path) -> Path | None:
-    pointer = run / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = run / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "train_state.pt").is_file() else None
+    """The newest complete checkpoint (train_state.pt is written before the rename), found from the
+    directories, not the `latest` pointer: a crash between the rename and the pointer's write leaves the
+    pointer missing or one checkpoint behind."""
+    complete = [p for p in _step_dirs(run / "checkpoints") if (p / "train_state.pt").is_file()]
+    return complete[-1] if complete else None
 
 
 def load_train_state(ckpt: Path) -> dict:

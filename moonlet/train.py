@@ -261,6 +261,8 @@ def train(tc: TrainConfig) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     run = Path(tc.out)
+    if run.exists() and not run.is_dir():  # before building anything (the run writes into it at the end)
+        raise TrainError(f"--out {run} is a file; a run needs a directory")
     ckpt = latest_checkpoint(run)
     state = load_train_state(ckpt) if ckpt is not None else None
     if state is not None:  # before building anything: another model or optimizer would not even load

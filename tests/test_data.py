@@ -188,3 +188,31 @@ def test_prepare_with_an_unknown_tokenizer_names_it(corpus, tmp_path, capsys):
         assert why in capsys.readouterr().err
     meta = data.prepare(corpus, tmp_path / "d")
     assert meta["tokenizer_dir"] is None  # moonlet's default: nothing to ship with checkpoints
+
+
+def test_prepare_never_replaces_a_directory_that_is_not_moonlet_data_or_overlaps_the_source(corpus, tmp_path):
+    before = sorted(p.relative_to(corpus) for p in corpus.rglob("*"))
+    for out in (corpus, corpus / "sub", tmp_path):  # the source itself, inside it, holding it
+        with pytest.raises(data.DataError, match="overlaps --source"):
+            data.prepare(corpus, out, val_every=0)
+    assert sorted(p.relative_to(corpus) for p in corpus.rglob("*")) == before
+    project = tmp_path / "myproject"
+    project.mkdir()
+    (project / "thesis.tex").write_text("years of work")
+    assert data.cli_data(["prepare", "--source", str(corpus), "--out", str(project)]) == 2
+    assert (project / "thesis.tex").read_text() == "years of work" and not (tmp_path / "myproject.tmp").exists()
+    (tmp_path / "empty").mkdir()
+    assert data.prepare(corpus, tmp_path / "empty", val_every=0)["splits"]["train"]["tokens"] > 0
+    assert not data.prepare(corpus, tmp_path / "empty", val_every=0, force=True)["cached"]  # ours: replaced
+
+
+def test_the_cache_is_not_reused_for_another_tokenizer_of_the_same_size(corpus, tmp_path):
+    from moonlet.tokenizer import Tokenizer
+
+    tok = load_tokenizer(None)
+    first, second = sorted(tok.ranks, key=tok.ranks.get)[256:258]  # two merges swapped: same vocab size
+    ranks = {**tok.ranks, first: tok.ranks[second], second: tok.ranks[first]}
+    Tokenizer(ranks, tok.special).save(tmp_path / "swapped")
+    a = data.prepare(corpus, tmp_path / "out", val_every=0)
+    b = data.prepare(corpus, tmp_path / "out", val_every=0, tokenizer_path=str(tmp_path / "swapped"))
+    assert not b["cached"] and b["fingerprint"] != a["fingerprint"]

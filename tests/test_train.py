@@ -390,3 +390,31 @@ def test_a_non_finite_loss_stops_training_without_checkpointing_it(corpus, tmp_p
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "r"))
     ckpt = latest_checkpoint(tmp_path / "r")
     assert ckpt is None or all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values())
+
+
+def test_a_crash_before_the_latest_pointer_is_written_resumes_from_the_newest_complete_checkpoint(corpus, tmp_path):
+    run = tmp_path / "r"
+    train(tc(corpus, run, steps=4, save_every=2, grad_accum=1))
+    pointer = run / "checkpoints/latest"
+    pointer.write_text("step_0000002\n")  # killed after step_0000004's rename, before the pointer moved
+    assert latest_checkpoint(run).name == "step_0000004"
+    pointer.unlink()  # killed before the first pointer write
+    assert latest_checkpoint(run).name == "step_0000004"
+    train(tc(corpus, run, steps=5, grad_accum=1, keep=1))
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5]  # resumed, not restarted
+    assert latest_checkpoint(run).name == "step_0000005"
+
+
+def test_pruning_keeps_the_newest_checkpoints_by_step_number_and_never_the_one_just_written(corpus, tmp_path):
+    run = tmp_path / "r"
+    (run / "checkpoints/step_0000099").mkdir(parents=True)  # a leftover that sorts after, with no train_state.pt
+    train(tc(corpus, run, steps=2, save_every=1, keep=1, grad_accum=1))
+    assert latest_checkpoint(run).name == "step_0000002"
+    assert not (run / "checkpoints/step_0000001").exists()
+
+
+def test_out_that_is_a_regular_file_is_refused_before_the_model_is_built(corpus, tmp_path, capsys):
+    (tmp_path / "afile").write_text("keep me")
+    assert cli_train(_cli(corpus, tmp_path / "afile", "--steps", "1")) == 2
+    assert "--out" in (err := capsys.readouterr().err) and "is a file" in err
+    assert (tmp_path / "afile").read_text() == "keep me"
