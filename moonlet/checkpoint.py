@@ -95,8 +95,11 @@ def _shard_files(path: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names, got "
+                                  f"{str(weight_map)[:80]}")
         files = sorted(set(weight_map.values()))
         for f in files:
             if not (path / f).exists():
@@ -105,6 +108,14 @@ def _shard_files(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors files (and no model.safetensors.index.json)")
+    owner: dict[str, Path] = {}
+    for file in files if len(files) > 1 else ():  # without an index every file is read: two copies of a model?
+        with open_shard(file) as f:
+            for name in f.keys():
+                if name in owner:
+                    raise CheckpointError(f"{path}: tensor {name!r} is in both {owner[name].name} and {file.name} "
+                                          "(and no model.safetensors.index.json says which to read); move one away")
+                owner[name] = file
     return files
 
 
@@ -159,11 +170,8 @@ def _packed_layers(path: Path, cfg: ModelConfig) -> set[int]:
     `ignore` regexes are about module types and cannot be matched by name reliably)."""
     layers = set()
     for file in _shard_files(path):
-        try:
-            with open_shard(file) as f:
-                names = list(f.keys())
-        except Exception as e:
-            raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated?") from e
+        with open_shard(file) as f:  # (a truncated file is a CheckpointError naming it)
+            names = list(f.keys())
         for name in names:
             m = _EXPERT.match(name)
             if m and m.group(4) == "weight_packed" and int(m.group(1)) < cfg.num_hidden_layers:
@@ -329,13 +337,15 @@ def disk_tensors(model: Transformer):
             yield _disk_name(name), t
 
 
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)i?B?\s*", size.upper())
-    if not m:
-        raise ValueError(f"max_shard_size={size!r}: use bytes or a string like '5GB' / '500MB'")
-    return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " "))
+def parse_size(size: int | str) -> int:
+    """A shard size limit in bytes: an int, or '5GB' / '500MB' / '2.5G' (powers of 1000)."""
+    n = size
+    if isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]?)i?B?\s*", size.upper())
+        n = int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " ")) if m else 0
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"max_shard_size={size!r}: use a positive number of bytes or a size like '5GB' / '500MB'")
+    return n
 
 
 class ShardWriter:
@@ -353,8 +363,8 @@ class ShardWriter:
         if foreign:  # a single-shard checkpoint has no index: the loader reads every *.safetensors there
             raise CheckpointError(f"{self.out} holds other safetensors files ({', '.join(foreign[:3])}), which a "
                                   "load would read as part of this checkpoint; choose an empty directory")
+        self.limit = parse_size(max_shard_size)  # before anything is created
         self.out.mkdir(parents=True, exist_ok=True)
-        self.limit = _parse_size(max_shard_size)
         self.shard: dict[str, torch.Tensor] = {}
         self.size = self.total = 0
         self.parts: list[tuple[Path, list[str]]] = []

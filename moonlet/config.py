@@ -131,8 +131,8 @@ class ModelConfig:
         need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
              f"must be between 0 and num_hidden_layers={self.num_hidden_layers}")
         need(self.hidden_act == "silu", "hidden_act", "only SwiGLU ('silu') is implemented")
-        need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
-        need(self.rope_theta > 0, "rope_theta", "must be > 0")
+        need(math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0, "rms_norm_eps", "must be a finite number > 0")
+        need(math.isfinite(self.rope_theta) and self.rope_theta > 0, "rope_theta", "must be a finite number > 0")
         if self.first_k_dense_replace > 0 or self.n_routed_experts == 0:
             need(self.intermediate_size > 0, "intermediate_size", "dense layers need a positive MLP width")
         if self.n_routed_experts > 0 and self.first_k_dense_replace < self.num_hidden_layers:
@@ -152,10 +152,24 @@ class ModelConfig:
                  f"the {self.topk_group} kept groups hold {self.topk_group * group_size} experts, fewer than "
                  f"num_experts_per_tok={self.num_experts_per_tok}")
             need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
+        need(math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0, "routed_scaling_factor",
+             "must be a finite number > 0")
+        need(math.isfinite(self.initializer_range) and self.initializer_range >= 0, "initializer_range",
+             "must be a finite number >= 0")
+        for name in ("n_routed_experts", "num_nextn_predict_layers"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
         rs = self.rope_scaling
         if rs is not None:
             kind = rs.get("type", rs.get("rope_type"))
             need(kind in ("yarn", "default", None), "rope_scaling", "only YaRN rope scaling is implemented")
+            for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                        "mscale_all_dim"):  # read as numbers by the rotary embedding
+                v = rs.get(key)
+                need(v is None or (_is_a(v, "float") and math.isfinite(v) and v >= 0), "rope_scaling",
+                     f"{key} must be a finite number >= 0, not {v!r}")
+            omp = rs.get("original_max_position_embeddings")
+            need(omp is None or (_is_a(omp, "int") and omp > 0), "rope_scaling",
+                 f"original_max_position_embeddings must be a positive int, not {omp!r}")
             if kind == "yarn":
                 need(self.yarn_factor >= 1, "rope_scaling", "YaRN factor must be >= 1")
 
@@ -191,7 +205,12 @@ class ModelConfig:
                 d = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from e
+            if not isinstance(d, dict):
+                raise ConfigError(f"{path}: expected a JSON object of config fields, got a {type(d).__name__}")
         src = dict(d)
+        for key in ("rope_parameters", "rope_scaling", "quantization_config"):  # read before validate() runs
+            if src.get(key) is not None and not isinstance(src[key], dict):
+                raise ConfigError(f"{where}: {key} = {src[key]!r}: must be an object or null")
         known = {f.name for f in fields(cls)} - {"extra", "rope_scaling", "rope_theta"}
         _check_keys(src, known, where)
         kwargs: dict[str, Any] = {k: src[k] for k in known if k in src}
@@ -269,6 +288,8 @@ _TYPE_NAMES = {"int": "an int", "float": "a number", "str": "a string", "bool": 
 def _is_a(value: Any, kind: str) -> bool:
     if isinstance(value, bool) and kind in ("int", "float"):  # JSON true is not a size
         return False
+    if kind == "list[int]":
+        return isinstance(value, list) and all(_is_a(v, "int") for v in value)
     return isinstance(value, _TYPES[kind])
 
 

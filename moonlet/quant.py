@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import re
 import shutil
 import sys
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moonlet.cli import at_least
 from moonlet.config import ConfigError, ModelConfig
 from moonlet.model import Experts
 
@@ -496,6 +498,16 @@ def eval_loss(model: nn.Module, data_dir: str | Path, seq_len: int = 256, batche
     return total / count
 
 
+def _shard_size(text: str) -> int:
+    """argparse type for --max-shard-size: checked before OUT_DIR is created."""
+    from moonlet.checkpoint import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cli_quantize(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="moonlet quantize",
@@ -512,11 +524,13 @@ def cli_quantize(argv: list[str]) -> int:
     p.add_argument("--group-size", type=int, default=GROUP_SIZE, help="input columns per scale (K2: 32)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of the tensors that stay unquantized (K2: bfloat16)")
-    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size limit, e.g. 5GB or 500MB")
+    p.add_argument("--max-shard-size", type=_shard_size, default="5GB",
+                   help="safetensors shard size limit, e.g. 5GB or 500MB")
     p.add_argument("--eval-data", default=None, help="a `moonlet data prepare` directory: also report the val "
                    "loss before and after quantization (eval_loss_in / eval_loss_out)")
-    p.add_argument("--eval-seq-len", type=int, default=256, help="eval window length (default: %(default)s)")
-    p.add_argument("--eval-batches", type=int, default=16, help="eval batches of 8 windows (default: %(default)s)")
+    p.add_argument("--eval-seq-len", type=at_least(1), default=256, help="eval window length (default: %(default)s)")
+    p.add_argument("--eval-batches", type=at_least(1), default=16,
+                   help="eval batches of 8 windows (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON summary object as the last line")
     a = p.parse_args(argv)
     if a.group_size <= 0 or a.group_size % 8:
@@ -554,10 +568,11 @@ def cli_quantize(argv: list[str]) -> int:
         print(f"moonlet quantize: {e}", file=sys.stderr)
         return 1
     skip = {"config.json", "model.safetensors.index.json"}
-    for f in src.iterdir():  # tokenizer and the like; not weights or optimizer state
-        if f.is_file() and f.suffix not in (".safetensors", ".pt", ".bin") and f.name not in skip \
-                and not (out / f.name).exists():
-            shutil.copy2(f, out / f.name)
+    for f in src.iterdir():  # tokenizer and the like; not weights or optimizer state. Replaced, never kept: an
+        # OUT_DIR quantized from another model before must not keep that model's tokenizer
+        if f.is_file() and f.suffix not in (".safetensors", ".pt", ".bin") and f.name not in skip:
+            shutil.copy2(f, out / f"{f.name}.tmp")
+            os.replace(out / f"{f.name}.tmp", out / f.name)
     summary = {"in_dir": str(src), "out_dir": str(out), "group_size": a.group_size, **done, "in_bytes": _dir_bytes(src),
                "out_bytes": _dir_bytes(out), **losses, "seconds": round(time.perf_counter() - t0, 2)}
     if a.json:

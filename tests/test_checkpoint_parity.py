@@ -178,8 +178,9 @@ def test_truncated_file_is_reported(tiny_hf_checkpoint):
     path, _ = tiny_hf_checkpoint()
     file = path / "model.safetensors"
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated") as e:
         moonlet.load(path)
+    assert str(e.value).count("cannot read safetensors file") == 1 and str(e.value).count("is it truncated?") == 1
 
 
 def test_missing_shard_named_in_index_is_reported(tmp_path):
@@ -244,3 +245,19 @@ def test_fp8_weights_without_their_config_or_scale_are_named(tiny_hf_checkpoint,
     save_file(tensors, str(tmp_path / "fp8" / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"o_proj\.weight.*has no .*weight_scale_inv"):
         moonlet.load(tmp_path / "fp8")
+
+
+def test_two_unindexed_files_holding_the_same_tensors_are_refused_naming_both(tmp_path):
+    out = moonlet.save(moonlet.load("tiny"), tmp_path / "ck")
+    (out / "model.safetensors").rename(out / "a.safetensors")
+    save_file(load_file(out / "a.safetensors"), out / "b.safetensors")  # a second copy beside the first
+    with pytest.raises(CheckpointError, match=r"in both a\.safetensors and b\.safetensors"):
+        moonlet.load(out)
+
+
+@pytest.mark.parametrize("index", [{"weight_map": [1, 2]}, [1, 2], {"weight_map": {"lm_head.weight": 3}}])
+def test_a_malformed_index_is_a_checkpoint_error(tmp_path, index):
+    out = moonlet.save(moonlet.load("tiny"), tmp_path / "ck")
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: .*(weight_map|index)"):
+        moonlet.load(out)

@@ -188,3 +188,38 @@ def test_a_typo_of_an_optional_key_warns_and_real_configs_load_silently(recwarn)
     tiny["rope_interleaves"] = tiny.pop("rope_interleave")
     with pytest.warns(UserWarning, match="'rope_interleaves' looks like a typo of 'rope_interleave'"):
         ModelConfig.from_hf(tiny)
+
+
+@pytest.mark.parametrize("field,value,why", [
+    ("routed_scaling_factor", float("nan"), "finite number > 0"),
+    ("routed_scaling_factor", float("inf"), "finite number > 0"),
+    ("rms_norm_eps", float("inf"), "finite number > 0"),
+    ("n_routed_experts", -8, "must be >= 0"),
+    ("num_nextn_predict_layers", -1, "must be >= 0"),
+    ("eos_token_id", ["a"], "an int or a list of ints or null"),
+    ("eos_token_id", [1, True], "a list of ints"),
+    ("rope_scaling", {"type": "yarn", "factor": "4"}, "factor must be a finite number"),
+    ("rope_scaling", {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": -128},
+     "original_max_position_embeddings must be a"),
+    ("rope_scaling", {"type": "yarn", "factor": 4.0, "mscale_all_dim": float("nan")}, "mscale_all_dim must be a finite"),
+])
+def test_impossible_values_are_refused_with_the_field_named(field, value, why):
+    with pytest.raises(ConfigError, match=rf"ModelConfig\.{field} = .*{why}"):
+        ModelConfig.from_preset("tiny").with_(**{field: value})
+
+
+@pytest.mark.parametrize("text,why", [
+    ("[1, 2]", "expected a JSON object of config fields, got a list"),
+    ('"tiny"', "expected a JSON object of config fields, got a str"),
+])
+def test_a_config_json_that_is_not_an_object_names_the_file(tmp_path, text, why):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=rf"config\.json: {why}"):
+        ModelConfig.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling", "quantization_config"])
+def test_a_section_that_is_not_an_object_is_a_config_error(tmp_path, key):
+    (tmp_path / "config.json").write_text(json.dumps({**ModelConfig.from_preset("tiny").to_hf(), key: "yarn"}))
+    with pytest.raises(ConfigError, match=rf"config\.json: {key} = 'yarn': must be an object or null"):
+        ModelConfig.from_hf(tmp_path)

@@ -249,3 +249,35 @@ def test_quantized_layers_are_recognized_by_weight_packed_on_disk(tmp_path):
     ids = torch.randint(0, cfg.vocab_size, (1, 12))
     with torch.no_grad():
         assert torch.equal(again(ids), model(ids))
+
+
+def test_quantizing_another_model_into_the_same_out_replaces_its_tokenizer_files(tmp_path):
+    for name, text in (("a", "tokenizer of A"), ("b", "tokenizer of B")):
+        save(tiny_model(dtype=torch.float32, seed=len(name)), tmp_path / name)
+        (tmp_path / name / "tiktoken.model").write_text(text)
+        assert cli_main(["quantize", str(tmp_path / name), str(tmp_path / "q"), "--json"]) == 0
+    assert (tmp_path / "q" / "tiktoken.model").read_text() == "tokenizer of B"
+    assert not list((tmp_path / "q").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--max-shard-size", "5XB", "max_shard_size='5XB'"), ("--max-shard-size", "-1", "positive"),
+    ("--max-shard-size", "0", "positive"), ("--eval-seq-len", "0", "must be >= 1"),
+    ("--eval-batches", "0", "must be >= 1"),
+])
+def test_bad_quantize_options_are_usage_errors_that_create_nothing(tmp_path, capsys, option, value, message):
+    save(tiny_model(dtype=torch.float32), tmp_path / "src")
+    with pytest.raises(SystemExit) as e:
+        cli_main(["quantize", str(tmp_path / "src"), str(tmp_path / "out"), "--eval-data", str(tmp_path), option,
+                  value])
+    assert e.value.code == 2 and f"argument {option}: " in (err := capsys.readouterr().err) and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_quantization_config_that_is_not_an_object_is_reported(tmp_path, capsys):
+    save(tiny_model(dtype=torch.float32), tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "quantization_config": "x"}))
+    assert cli_main(["quantize", str(tmp_path / "src"), str(tmp_path / "out")]) == 1
+    assert "quantization_config = 'x': must be an object or null" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
