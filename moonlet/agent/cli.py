@@ -2,7 +2,7 @@
 
     moonlet agent "question" --model tiny                      local engine (a preset or an HF directory)
     moonlet agent "question" --base-url http://host:8000/v1    any OpenAI-compatible endpoint
-    moonlet agent --resume runs/agent/20261122-120000.jsonl    continue a killed or interrupted run
+    moonlet agent --resume runs/agent/20261122-120000-4242.jsonl continue a killed or interrupted run
     moonlet eval arith --model X --n 100 --json                accuracy, steps, tokens, wall time
     moonlet eval lookup --base-url URL --sweep                 test-time scaling curves as a PNG
 """
@@ -193,7 +193,8 @@ def agent_parser() -> argparse.ArgumentParser:
     add_backend_args(ap)
     ap.add_argument("--system", default=None, help="system prompt (default: K2's)")
     ap.add_argument("--yes", action="store_true", help="approve every tool call that needs approval")
-    ap.add_argument("--trace", default=None, help="trace path (default: runs/agent/<time>.jsonl)")
+    ap.add_argument("--trace", default=None, help="trace path (default: runs/agent/<time>-<pid>.jsonl); a trace "
+                    "that holds a run is continued only with --resume")
     ap.add_argument("--resume", metavar="TRACE", help="continue the run in TRACE; finished tool calls are not "
                     "re-run; flags given now override the recorded ones")
     ap.add_argument("--quiet", action="store_true", help="no live view; print only the answer")
