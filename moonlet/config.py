@@ -128,8 +128,7 @@ class ModelConfig:
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "rotary dims come in pairs, must be even")
         need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
              "q_lora_rank", "must be a positive int, or null for a plain q_proj")
-        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
-             f"must be between 0 and num_hidden_layers={self.num_hidden_layers}")
+        need(self.first_k_dense_replace >= 0, "first_k_dense_replace", "must be >= 0 (past the last layer: all dense)")
         need(self.hidden_act == "silu", "hidden_act", "only SwiGLU ('silu') is implemented")
         need(math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0, "rms_norm_eps", "must be a finite number > 0")
         need(math.isfinite(self.rope_theta) and self.rope_theta > 0, "rope_theta", "must be a finite number > 0")
@@ -228,6 +227,8 @@ class ModelConfig:
             kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
         if "num_nextn_predict_layers" not in kwargs and "num_mtp_layers" in src:
             kwargs["num_nextn_predict_layers"] = src["num_mtp_layers"]
+        for key, default in HF_DEFAULTS.items():  # what transformers reads for a key the file leaves out
+            kwargs.setdefault(key, default)
         for key, default in (("n_group", 1), ("topk_group", 1), ("moe_layer_freq", 1),
                              ("first_k_dense_replace", 0), ("n_shared_experts", 0)):
             if kwargs.get(key, 0) is None:
@@ -295,6 +296,11 @@ def _is_a(value: Any, kind: str) -> bool:
 
 # Shape keys every K2 / DeepSeek-V3 / Moonlight / transformers config.json writes. A file without one would get
 # K2's default (a 7168-wide, 61-layer model), so their absence is an error rather than a silent fill-in.
+# DeepseekV3Config's defaults (transformers, and K2's own configuration_deepseek.py) for the keys that change
+# the math without changing a tensor's shape: a config.json that leaves one out means these, not K2's values.
+HF_DEFAULTS = {"n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "max_position_embeddings": 4096,
+               "first_k_dense_replace": 3, "norm_topk_prob": True, "rms_norm_eps": 1e-6, "rope_interleave": True,
+               "n_shared_experts": 1}
 REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
                     "n_routed_experts", "num_experts_per_tok")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from moonlet.config import PRESETS, ConfigError, ModelConfig
+from moonlet.config import HF_DEFAULTS, PRESETS, ConfigError, ModelConfig
 
 K2_CONFIG = {  # the shape of Kimi K2 Thinking's config.json (transformers-4 style, quantization kept)
     "architectures": ["DeepseekV3ForCausalLM"], "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
@@ -99,6 +99,21 @@ def test_deepseek_v3_config_keeps_mtp_layer_count_and_groups():
     assert cfg.n_moe_layers == 58
 
 
+def test_keys_a_config_leaves_out_mean_what_transformers_reads_for_them():
+    """Not K2's values: DeepseekV3Config's. These keys change the routing and rope, never a tensor shape."""
+    from transformers import DeepseekV3Config
+
+    src = {k: v for k, v in DEEPSEEK_V3_CONFIG.items() if k not in HF_DEFAULTS}
+    cfg, hf = ModelConfig.from_hf(copy.deepcopy(src)), DeepseekV3Config(**src)
+    for key in HF_DEFAULTS:
+        assert getattr(cfg, key) == getattr(hf, key), key
+
+
+def test_first_k_dense_replace_past_the_last_layer_means_all_dense_as_in_transformers():
+    cfg = ModelConfig.from_preset("tiny").with_(first_k_dense_replace=99)
+    assert cfg.n_moe_layers == 0
+
+
 def test_config_reads_from_a_directory(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(MOONLIGHT_CONFIG))
     cfg = ModelConfig.from_hf(tmp_path)
@@ -123,7 +138,7 @@ def test_every_preset_is_valid_and_serializable(name):
     ("topk_group", 5, "between 1 and n_group"),
     ("qk_rope_head_dim", 7, "even"),
     ("hidden_size", 0, "positive int"),
-    ("first_k_dense_replace", 9, "between 0 and num_hidden_layers"),
+    ("first_k_dense_replace", -1, ">= 0"),
     ("hidden_act", "gelu", "SwiGLU"),
     ("scoring_func", "softmax", "sigmoid"),
     ("rope_scaling", {"type": "dynamic", "factor": 2.0}, "YaRN"),
