@@ -178,6 +178,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in (extra or {}).items():
             self.send_header(k, v)
+        if self.close_connection:  # say so: a client that pools the connection would send the next request into it
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":  # HEAD: the headers GET would send (health checks, curl -I)
             self.wfile.write(body)
@@ -415,10 +417,12 @@ def make_server(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
     dtype "auto": bfloat16 on CUDA, float32 on the CPU."""
     import torch
 
+    from moonlet.checkpoint import model_dir
     from moonlet.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(model)
     name = served_model_name or (Path(model).name if Path(model).is_dir() else model)
+    model = model_dir(model)  # a checkpoint, a preset or a training run; else an error about the model
+    tokenizer = load_tokenizer(model)
     if script:
         engine = ScriptedEngine(tokenizer, json.loads(Path(script).read_text()), script_delay)
         limit = max_model_len or 32768
