@@ -135,16 +135,29 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def model_dir(path_or_preset: str | Path) -> str:
+    """What --model names: a preset, a checkpoint directory, or a training run (or its checkpoints/), which
+    means the run's newest complete checkpoint. Anything else is a CheckpointError saying so."""
+    from moonlet.config import PRESETS
+    from moonlet.runs import latest_checkpoint
+
+    name, path = str(path_or_preset), Path(path_or_preset)
+    if not path.is_dir():
+        if name in PRESETS:
+            return name
+        raise CheckpointError(f"{name!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
+    if (path / "config.json").exists():
+        return name
+    ckpt = latest_checkpoint(path.parent if path.name == "checkpoints" else path)
+    return str(ckpt) if ckpt is not None else name
+
+
 def load(path_or_preset: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          seed: int = 0) -> Transformer:
-    """A model from an HF-format directory, or a preset name with random weights (seeded)."""
-    path = Path(path_or_preset)
+    """A model from an HF-format directory (or a training run's newest checkpoint), or a preset name with
+    random weights (seeded)."""
+    path = Path(model_dir(path_or_preset))
     if not path.is_dir():
-        from moonlet.config import PRESETS
-
-        if str(path_or_preset) not in PRESETS:
-            raise CheckpointError(f"{path_or_preset!r} is neither a checkpoint directory nor a preset "
-                                  f"({', '.join(PRESETS)})")
         model = build(ModelConfig.from_preset(str(path_or_preset)), device, dtype)
         model.init_weights(seed=seed)
         return model.eval()
@@ -381,6 +394,9 @@ class ShardWriter:
     def _flush(self) -> None:
         tmp = self.out / f"model.part{len(self.parts):05d}.safetensors.tmp"
         save_file(self.shard, str(tmp), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600: a model served or shared is read by others
         self.parts.append((tmp, list(self.shard)))
         self.shard, self.size = {}, 0
 

@@ -44,11 +44,15 @@ def _load_model(args: argparse.Namespace):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device, dtype = _device_dtype(args)
+    from moonlet.checkpoint import model_dir
+
+    args.model = model_dir(args.model)  # a training run: its newest checkpoint (whose tokenizer comes along)
     return moonlet.load(args.model, device=device, dtype=dtype)
 
 
-COMPILE_HELP = ("torch.compile the decode step where no CUDA graphs run (CPU: 2-3x faster decode on small models, "
-                "after a compile of 10-60 s per batch / context bucket; same as MOONLET_COMPILE=1)")
+COMPILE_HELP = ("torch.compile the decode step where no CUDA graphs run (CPU: 1.1-1.6x faster steady-state decode "
+                "on small models, measured with `bench decode --compile`, after a compile of 10-60 s per batch / "
+                "context bucket: worth it for long runs and servers; same as MOONLET_COMPILE=1)")
 
 
 def _common(ap: argparse.ArgumentParser, model_default: str | None = None) -> None:
@@ -152,12 +156,18 @@ def cli_generate(argv: list[str]) -> int:
             out.flush()
         out.write(utf8.decode(b"", final=True) + "\n")
     dt = time.perf_counter() - t0
-    speed = req.usage["completion_tokens"] / dt if dt > 0 else 0.0
-    print(f"[{req.finish_reason}; {req.usage}; {speed:.1f} tokens/s]", file=sys.stderr)
+    ttft = req.ttft if req.ttft is not None else dt
+    n_decode = req.usage["completion_tokens"] - 1  # tokens after the first, which the prefill produced
+    speed = n_decode / (dt - ttft) if n_decode > 0 and dt > ttft else 0.0
+    compiled = " (including the decode step's compile: see bench decode --compile)" if \
+        engine.decoder.mode == "compiled" else ""
+    print(f"[{req.finish_reason}; {req.usage}; first token after {ttft:.2f} s, then {speed:.1f} tokens/s{compiled}]",
+          file=sys.stderr)
     if req.error:
         print(f"moonlet generate: the engine failed: {req.error}", file=sys.stderr)
     if args.json:
         result = {"finish_reason": req.finish_reason, "usage": req.usage, "tokens_per_s": round(speed, 2),
+                  "ttft_s": round(ttft, 4),
                   "decode": engine.decoder.mode, "output_ids": req.output_ids, "error": req.error}
         # --chat: the parse of the ids the live view showed (a text parse would take text spelling a marker,
         # such as a literal "<|im_end|>", for the marker)

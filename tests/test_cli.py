@@ -37,6 +37,26 @@ def test_top_level_help_lists_every_command(capsys):
     assert all(name in out for name in COMMANDS)
 
 
+def test_a_training_run_directory_means_its_newest_complete_checkpoint(tmp_path, capsys):
+    import os
+
+    import moonlet
+    from moonlet.checkpoint import model_dir
+
+    run, model = tmp_path / "run", moonlet.load("tiny", seed=3)
+    for step in (2, 10, 11):
+        moonlet.save(model, run / "checkpoints" / f"step_{step:07d}")
+        if step != 11:  # step 11: a save cut short (no train state)
+            (run / "checkpoints" / f"step_{step:07d}" / "train_state.pt").write_bytes(b"")
+    newest = str(run / "checkpoints" / "step_0000010")
+    assert model_dir(run) == model_dir(run / "checkpoints") == newest and model_dir("tiny") == "tiny"
+    assert main(["generate", "--model", str(run), "--prompt", "hi", "--max-tokens", "2"]) == 0
+    weights = run / "checkpoints" / "step_0000010" / "model.safetensors"
+    assert os.stat(weights).st_mode & 0o044 == 0o044 & ~os.umask(os.umask(0))  # readable as umask allows
+    assert main(["serve", "--model", str(tmp_path / "nope")]) == 1
+    assert "neither a checkpoint directory nor a preset" in capsys.readouterr().err
+
+
 def test_unknown_command_is_an_error_with_usage(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
