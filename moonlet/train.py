@@ -317,7 +317,7 @@ def train(tc: TrainConfig) -> dict:
     peak = peak_flops(device, tc.peak_tflops)
     per_step = tc.micro_batch * tc.grad_accum * world
     losses: list[float] = []
-    bar = None
+    bar, last_eval = None, None
     if rank == 0 and tc.progress:
         from tqdm import tqdm
 
@@ -369,7 +369,7 @@ def train(tc: TrainConfig) -> dict:
             if peak:
                 rec["mfu"] = round(flops_tok * tokens / dt / peak, 4)
             if val is not None and step % tc.eval_every == 0:
-                rec["eval_loss"] = evaluate(model, val, tc, device, autocast)
+                rec["eval_loss"] = last_eval = evaluate(model, val, tc, device, autocast)
             losses.append(rec["loss"])
             if rank == 0:
                 metrics.write(json.dumps(rec) + "\n")
@@ -380,6 +380,8 @@ def train(tc: TrainConfig) -> dict:
                         post["mfu"] = f"{rec['mfu']:.1%}"
                     if "max_logit" in rec:
                         post["maxlogit"] = f"{rec['max_logit']:.1f}"
+                    if last_eval is not None:
+                        post["eval"] = f"{last_eval:.3f}"
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
             flag = torch.tensor(float(stop.signal or 0))
@@ -397,7 +399,7 @@ def train(tc: TrainConfig) -> dict:
         bar.close()
     if rank == 0:
         metrics.close()
-    return {"step": step, "losses": losses, "stopped_by_signal": stopped, "run": str(run)}
+    return {"step": step, "losses": losses, "stopped_by_signal": stopped, "run": str(run), "eval_loss": last_eval}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -447,7 +449,7 @@ def _parser() -> argparse.ArgumentParser:
       "(default: %(default)s)")
     a("--aux-loss-alpha", type=number_in(0), default=d.aux_loss_alpha, help="sequence-wise balance loss weight "
       "(DeepSeek-V3: ~1e-4); 0 = off (default: %(default)s)")
-    a("--eval-every", type=at_least(0), default=d.eval_every, help="eval loss on the val split every N steps; 0 = off")
+    a("--eval-every", type=at_least(0), default=d.eval_every, help="eval loss on the val split every N steps; 0 = off (default: %(default)s)")
     a("--eval-batches", type=at_least(1), default=d.eval_batches, help="micro-batches per eval (default: %(default)s)")
     a("--save-every", type=at_least(0), default=d.save_every, help="checkpoint every N steps (always at the end and on "
       "SIGINT/SIGTERM); 0 = only then")
@@ -510,5 +512,12 @@ def cli_train(argv: list[str]) -> int:
     if int(os.environ.get("RANK", 0)) == 0:
         losses = out.pop("losses")
         summary = {**out, "final_loss": losses[-1] if losses else None}
-        print(json.dumps(summary) if args.json else f"done: step {out['step']}, loss {summary['final_loss']}")
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+            evals = f", eval loss {out['eval_loss']:.4f}" if out.get("eval_loss") is not None else ""
+            print(f"done: step {out['step']}, loss {loss}{evals}" if not out["stopped_by_signal"] else
+                  f"stopped by signal {out['stopped_by_signal']} at step {out['step']} (loss {loss}{evals}); the "
+                  f"checkpoint is saved: continue with moonlet train --out {args.out} --resume")
     return 128 + out["stopped_by_signal"] if out["stopped_by_signal"] else 0

@@ -65,7 +65,8 @@ def plot_run(run: str | Path, tau: float | None = None) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(7, 4))
         for i in range(len(rows[0][1])):
-            ax.plot([s for s, _ in rows], [v[i] for _, v in rows], label=f"layer {i}")
+            moe = key.startswith("expert_load")  # one value per MoE layer, not per layer
+            ax.plot([s for s, _ in rows], [v[i] for _, v in rows], label=f"{'MoE layer' if moe else 'layer'} {i}")
         if tau is not None and key == "max_logit_per_layer":
             ax.axhline(tau, color="k", ls="--", lw=1, label=f"tau = {tau:g}")
         ax.set(xlabel="step", ylabel=ylabel, title=f"{run.name}: {ylabel}")

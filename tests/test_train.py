@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,6 +182,8 @@ def test_sigterm_checkpoints_and_the_run_resumes(corpus, tmp_path):
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        said = proc.stdout.read().decode()
+        assert f"stopped by signal {int(signal.SIGTERM)}" in said and f"--out {out} --resume" in said
     finally:
         proc.kill()
     ckpt = latest_checkpoint(out)
@@ -227,6 +230,12 @@ def test_cuda_bf16_autocast_training_learns_and_reports_mfu(corpus, tmp_path):
 def _cli(corpus, out, *extra):
     return ["--model", "tiny", "--data", str(corpus), "--out", str(out), "--seq-len", "16", "--micro-batch", "2",
             "--warmup", "1", "--no-progress", "--threads", "1", *extra]
+
+
+def test_the_last_line_gives_the_loss_and_the_eval_loss(corpus, tmp_path, capsys):
+    assert cli_train(_cli(corpus, tmp_path / "e", "--steps", "2", "--eval-every", "1")) == 0
+    assert re.fullmatch(r"done: step 2, loss \d+\.\d{4}, eval loss \d+\.\d{4}",
+                        capsys.readouterr().out.strip().splitlines()[-1])
 
 
 def test_a_resume_takes_the_saved_options_and_refuses_ones_that_change_the_run(corpus, tmp_path, capsys):
