@@ -403,7 +403,8 @@ def cli_bench_tokenizer(argv: list[str]) -> int:
 
     ids, t_enc = timed(tok.encode, text)
     _, t_dec = timed(tok.decode, ids)
-    res = {"bench": "tokenizer", "tokenizer": repr(tok), "text_mb": round(nbytes / 1e6, 3),
+    res = {"bench": "tokenizer", "tokenizer": args.tokenizer or "moonlet default", "vocab_size": tok.vocab_size,
+           "text_mb": round(nbytes / 1e6, 3),
            "tokens": len(ids), "bytes_per_token": round(nbytes / len(ids), 3),
            "moonlet_encode_mb_s": round(nbytes / t_enc / 1e6, 2), "moonlet_decode_mb_s": round(nbytes / t_dec / 1e6, 2),
            "roundtrip_ok": tok.decode(ids) == text}
