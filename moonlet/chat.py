@@ -80,13 +80,17 @@ def _reasoning(msg: dict) -> str:
     return r if isinstance(r, str) else ""
 
 
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _arguments(args: Any, where: str) -> str:
     if args is None:
         return "{}"
     if isinstance(args, str):
         return args
     try:
-        return json.dumps(args, ensure_ascii=False)
+        return json.dumps(args, ensure_ascii=False, allow_nan=False)  # NaN is no JSON: a model must not learn it
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}.function.arguments: not JSON-serializable ({e})") from e
 
@@ -536,7 +540,7 @@ class StreamParser:
         self._ws = ""
         call = self.tool_calls[-1]
         try:
-            json.loads(call["function"]["arguments"])
+            json.loads(call["function"]["arguments"], parse_constant=_not_json)
         except ValueError as e:
             self._error(f"tool call {call['index']} ({call['function']['name']}): arguments are not valid JSON ({e})")
 

@@ -258,6 +258,9 @@ def sft_examples(path: str | Path, tokenizer, train_on: str = "live") -> Iterato
     from moonlet.chat import render_ids
 
     for rec, where in read_conversations(path):
+        roles = {m.get("role") for m in rec["messages"] if isinstance(m, dict)} - {"system", "user", "assistant", "tool"}
+        if roles:  # K2's template renders any other role as a system message, never trained on: a typo hides
+            raise DataError(f"{where}: unknown role(s) {sorted(map(str, roles))}; use system, user, assistant, tool")
         try:
             ids, mask = render_ids(rec["messages"], tokenizer, tools=rec.get("tools"), train_on=train_on)
         except (ValueError, KeyError, TypeError) as e:

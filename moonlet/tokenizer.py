@@ -28,6 +28,7 @@ import base64
 import functools
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -134,11 +135,15 @@ class Tokenizer:
 
     # --- encode / decode ----------------------------------------------------------------------------
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        if len(text) > MAX_SPACE_RUN and LONG_SPACE.search(text):
+            return [i for part in _cut_space_runs(text) for i in self.encode(part, allow_special)]
         if allow_special:
             return self._enc.encode(text, allowed_special="all")
         return self._enc.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
+        if any(len(t) > MAX_SPACE_RUN for t in texts):
+            return [self.encode(t, allow_special) for t in texts]
         if allow_special:
             return self._enc.encode_batch(texts, allowed_special="all")
         return self._enc.encode_ordinary_batch(texts)
@@ -279,12 +284,36 @@ def decode_text(data: bytes) -> str:
     return data.decode("latin-1")
 
 
-def _iter_texts(files: list[Path]) -> Iterable[str]:
+# tiktoken's regex engine overflows its stack on a whitespace run of ~1M characters (a Rust panic, which is a
+# BaseException): longer runs are encoded in pieces; the ids still decode to the text.
+MAX_SPACE_RUN = 1 << 16
+LONG_SPACE = re.compile(rf"\s{{{MAX_SPACE_RUN + 1},}}")
+
+
+def _cut_space_runs(text: str) -> Iterable[str]:
+    """text in pieces where no piece holds a whitespace run over MAX_SPACE_RUN; each run's last character
+    stays with the text after it, as the split pattern would keep it (" word")."""
+    start = 0
+    for m in LONG_SPACE.finditer(text):
+        yield text[start: m.start()]
+        for a in range(m.start(), m.end() - 1, MAX_SPACE_RUN):
+            yield text[a: min(a + MAX_SPACE_RUN, m.end() - 1)]
+        start = m.end() - 1
+    yield text[start:]
+
+
+def _iter_texts(files: list[Path], read: dict | None = None) -> Iterable[str]:
+    """Each file's text as the corpus readers decode it (UTF-8, else cp1252 / Latin-1); files holding NUL
+    bytes are binary and skipped. `read` counts {"files", "skipped"} for the caller's report."""
+    read = read if read is not None else {}
     for f in files:
-        try:
-            yield f.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            continue  # binary or non-UTF-8 files carry no text we want
+        data = f.read_bytes()
+        if not data:
+            continue
+        kind = "skipped" if b"\0" in data else "files"
+        read[kind] = read.get(kind, 0) + 1
+        if kind == "files":
+            yield decode_text(data)
 
 
 def train_bpe(inputs: Iterable[str | os.PathLike], vocab_size: int, pat_str: str = K2_PAT_STR,
@@ -309,7 +338,11 @@ def train_bpe(inputs: Iterable[str | os.PathLike], vocab_size: int, pat_str: str
     ])
     trainer = trainers.BpeTrainer(vocab_size=n_ranks, show_progress=show_progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    hf.train_from_iterator(_iter_texts(files), trainer=trainer)
+    read: dict = {}
+    hf.train_from_iterator(_iter_texts(files, read), trainer=trainer)
+    if not read.get("files"):
+        raise TokenizerError(f"no text to train on: {len(files)} file(s), {read.get('skipped', 0)} of them binary "
+                             "(NUL bytes), the rest empty")
     byte_of = {c: b for b, c in _bytes_to_unicode().items()}
     ranks = {bytes([b]): b for b in range(256)}
     for tok, _ in sorted(hf.get_vocab().items(), key=lambda x: x[1]):

@@ -250,6 +250,9 @@ def test_a_leading_assistant_header_is_skipped():
      {"content": "c", "tool_calls": [call("functions.f:0", '{"a":')]}, "before <|tool_call_end|>"),
     ("<think>r</think><|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{bad}"
      "<|tool_call_end|><|tool_calls_section_end|>", {"tool_calls": [call("functions.f:0", "{bad}")]}, "not valid JSON"),
+    ("<think>r</think><|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>"
+     '{"x": Infinity}<|tool_call_end|><|tool_calls_section_end|>',
+     {"tool_calls": [call("functions.f:0", '{"x": Infinity}')]}, "Infinity is not JSON"),
     ("<think>r</think><|tool_calls_section_begin|><|tool_call_begin|><|tool_call_argument_begin|>{}<|tool_call_end|>"
      "<|tool_calls_section_end|>", {"tool_calls": [call("functions.unknown:0", "{}")]}, "missing id"),
     ("<think>r<|im_user|></think>c<|im_middle|>d", {"reasoning_content": "r", "content": "cd"}, "stray"),

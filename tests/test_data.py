@@ -144,6 +144,14 @@ def test_bad_sft_lines_are_reported_with_file_and_line(tmp_path):
         path.write_bytes(body)
         with pytest.raises(data.DataError, match=error):
             data.prepare(path, tmp_path / "out", kind="sft")
+    typo = {"messages": [{"role": "user", "content": "hi"}, {"role": "Assistant", "content": "x"},
+                         {"role": "assistant", "content": "ok"}]}
+    nan = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {"x": float("nan")}}}]}]}
+    for rec, error in ((typo, r"bad.jsonl:1: unknown role\(s\) \['Assistant'\]"), (nan, r"bad.jsonl:1: .*not JSON")):
+        path.write_text(json.dumps(rec) + "\n")  # (Python's json writes and reads NaN)
+        with pytest.raises(data.DataError, match=error):
+            data.prepare(path, tmp_path / "out", kind="sft")
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(CONVERSATION).encode() + b"\n")  # a byte-order mark is fine
     assert data.prepare(path, tmp_path / "bom", kind="sft")["splits"]["train"]["tokens"] > 0
 

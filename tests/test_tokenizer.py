@@ -160,7 +160,7 @@ CORPUS = ("The quick brown fox jumps over the lazy dog. " * 20 + "def function(a
 def test_train_bpe_saves_k2_format_and_reloads_identically(tmp_path):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text(CORPUS)
-    (tmp_path / "corpus" / "blob.bin").write_bytes(b"\xff\xfe\x00binary")  # skipped: not UTF-8
+    (tmp_path / "corpus" / "blob.bin").write_bytes(b"\xff\xfe\x00binary")  # skipped: NUL bytes, binary
     tok = train_bpe([tmp_path / "corpus"], vocab_size=256 + 256 + 60)
     assert tok.n_ranks == 316 and tok.vocab_size == 572
     assert tok.special["[BOS]"] == 316 and tok.im_end_id == 318 and tok.special["[PAD]"] == 571
@@ -173,6 +173,26 @@ def test_train_bpe_saves_k2_format_and_reloads_identically(tmp_path):
     ids = tok.encode(sample)
     assert again.encode(sample) == ids and again.decode(ids) == sample
     assert len(ids) < len(sample.encode()) / 2  # merges learned from the corpus are used
+
+
+def test_train_reads_cp1252_text_and_refuses_a_corpus_with_no_text(tmp_path):
+    (tmp_path / "latin").mkdir()
+    (tmp_path / "latin" / "a.txt").write_bytes(("café naïve résumé déjà vu " * 2000).encode("cp1252"))
+    tok = train_bpe([tmp_path / "latin"], vocab_size=1000)
+    assert tok.n_ranks > 256 and len(tok.encode("café naïve")) <= 4  # its words were learned, not skipped
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "x.dat").write_bytes(b"\x00\x01" * 100)
+    (tmp_path / "bin" / "empty.txt").write_bytes(b"")
+    with pytest.raises(TokenizerError, match="no text to train on: 2 file.*1 of them binary"):
+        train_bpe([tmp_path / "bin"], vocab_size=1000)
+
+
+def test_a_whitespace_run_of_a_million_characters_encodes_and_round_trips():
+    tok = load_tokenizer(None)  # tiktoken alone overflows its stack (a Rust panic) on this
+    text = "start" + " " * 1_000_000 + "end\n" + "\t" * 70_000
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and tok.encode_batch([text, "x"])[0] == ids
+    assert tok.encode("a" + " " * 100 + "b") == tok._enc.encode_ordinary("a" + " " * 100 + "b")  # short: as before
 
 
 def test_train_rejects_a_vocab_too_small_for_bytes_and_specials(tmp_path):
