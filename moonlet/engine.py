@@ -190,7 +190,7 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.loop_threads: int | None = None  # CPU: the loop thread's intra-op threads (_pick_loop_threads)
-        self._stop_flag = False
+        self._stop_flag = self._stopped = False
         self._rng = random.Random()
 
     # --------------------------------------------------------------------------------------------------
@@ -201,6 +201,8 @@ class Engine:
         """Queue a request and return it at once (thread-safe). `listener(request)`, if given, is called on the
         engine thread after each release of tokens and at the finish: it must only hand off (e.g. put to a
         queue), so that one thread can serve many streams (the server's SSE writer)."""
+        if self._stopped:
+            raise RuntimeError("the engine is stopped: start() it again to submit")
         params = params or SamplingParams()
         params.validate()
         if params.stop and self.tokenizer is None:
@@ -241,17 +243,25 @@ class Engine:
         if not self.running:
             if self.device.type == "cpu":  # a thread that never read or set its count would take the loop's
                 torch.set_num_threads(torch.get_num_threads())
-            self._stop_flag = False
+            self._stop_flag = self._stopped = False
             self._thread = threading.Thread(target=self._loop, name="moonlet-engine", daemon=True)
             self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._stop_flag = True
+        """End the background loop; requests still in flight finish as "cancelled" (waking their waiters and
+        listeners), and submit() refuses new ones until start()."""
+        self._stop_flag = self._stopped = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        with self._step_lock:
+            with self._lock:
+                queued, self._inbox = list(self._inbox), deque()
+            for req in queued + list(self._waiting) + [r for r in self._slots if r is not None]:
+                self._finish(req, "cancelled")
+            self._waiting.clear()
 
     def has_work(self) -> bool:
         return bool(self._inbox or self._waiting or self._prefilling or self._n_dec)
@@ -345,9 +355,9 @@ class Engine:
                 self._waiting.append(self._inbox.popleft())
         for req in [r for r in self._waiting if r._cancel]:
             self._waiting.remove(req)
-            self._finish(req, "cancelled")
+            self._finish(req, "error" if req.error else "cancelled")
         for req in [r for r in self._slots if r is not None and r._cancel]:
-            self._finish(req, "cancelled")
+            self._finish(req, "error" if req.error else "cancelled")
 
     def _admit(self) -> None:
         while self._waiting:
@@ -487,8 +497,21 @@ class Engine:
         req.finished = True
         req._done.set()
         req._events.put(None)
-        if req._listener is not None:
+        self._notify(req)
+
+    def _notify(self, req: Request) -> None:
+        """Call the request's listener. One that raises fails its own request (at the next step), never the
+        others in the batch or the engine thread: a listener must only hand off, and a bug there is the caller's."""
+        if req._listener is None:
+            return
+        try:
             req._listener(req)
+        except Exception as e:
+            traceback.print_exc()
+            req._listener = None
+            if not req.finished:
+                req.error = f"the request's listener failed: {type(e).__name__}: {e}"
+                req._cancel = True
 
     # --------------------------------------------------------------------------------------------------
     # sampling and budgets
@@ -559,6 +582,5 @@ class Engine:
             req.output_ids.extend(req._pending[:n])
             req._pending = req._pending[n:]
             req._events.put(None)
-            if req._listener is not None:
-                req._listener(req)
+            self._notify(req)
         return False

@@ -486,6 +486,37 @@ def test_an_engine_with_impossible_sizes_is_refused_when_built(tiny, kw):
         Engine(tiny, **kw)
 
 
+def test_a_listener_that_raises_fails_its_own_request_only(tiny):
+    eng = Engine(tiny, max_batch_size=4, max_seq_len=128).start()
+    try:
+        def buggy(req):
+            if len(req.output_ids) >= 3:
+                raise RuntimeError("listener bug")
+
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        ok = [eng.submit(p, params, listener=lambda r: None) for p in prompts(2, [6, 9], seed=4)]
+        bad = eng.submit(list(range(1, 8)), params, listener=buggy)
+        assert bad.result(timeout=60).finish_reason == "error" and "listener bug" in bad.error
+        assert [r.result(timeout=60).finish_reason for r in ok] == ["length", "length"]
+        assert eng.running and eng.submit([1, 2], params).result(timeout=60).finish_reason == "length"
+    finally:
+        eng.stop()
+
+
+def test_stop_finishes_the_requests_in_flight_and_refuses_new_ones(tiny):
+    eng = Engine(tiny, max_batch_size=2, max_seq_len=512).start()
+    finished = []
+    reqs = [eng.submit(p, SamplingParams(temperature=0, max_tokens=400, ignore_eos=True),
+                       listener=lambda r: r.finished and finished.append(r)) for p in prompts(5, [5, 9], seed=2)]
+    eng.stop()  # two decoding, three queued
+    assert all(r.finished and r.finish_reason in ("cancelled", "length") for r in reqs)
+    assert sorted(map(id, finished)) == sorted(map(id, reqs))  # each listener heard its finish
+    with pytest.raises(RuntimeError, match="stopped"):
+        eng.submit([1, 2], GREEDY)
+    assert eng.start().submit([1, 2], SamplingParams(temperature=0, max_tokens=2)).result(timeout=60).finished
+    eng.stop()
+
+
 def test_a_full_cache_slot_ends_generation_with_length(tiny):
     r = Engine(tiny, max_seq_len=20).submit(list(range(1, 15)), SamplingParams(temperature=0, max_tokens=50,
                                                                                ignore_eos=True)).result()
