@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"moonlet {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `moonlet info kimi-k2 | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit flush would fail again)
+        return 141
     except Exception as e:
         if os.environ.get("MOONLET_DEBUG") == "1" or not isinstance(e, user_errors()):
             raise

@@ -57,6 +57,13 @@ def test_a_training_run_directory_means_its_newest_complete_checkpoint(tmp_path,
     assert "neither a checkpoint directory nor a preset" in capsys.readouterr().err
 
 
+def test_a_reader_that_leaves_early_is_not_a_traceback():
+    """`moonlet info kimi-k2 | head`: here the reader closes the pipe before moonlet writes a byte."""
+    p = subprocess.run(f"{sys.executable} -m moonlet.cli info kimi-k2 | (exec 0<&-; sleep 5)", shell=True,
+                       capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+
+
 def test_unknown_command_is_an_error_with_usage(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
