@@ -153,3 +153,23 @@ def test_clear_during_a_turn_stops_it_and_leaves_an_empty_conversation(server, b
     time.sleep(1.0)  # the scripted turn would have gone on to its tool round and answer by now
     assert browser.find_element(By.ID, "messages").text == ""
     assert browser.execute_script("return state.messages") == []
+
+
+def test_stop_keeps_the_partial_reply_in_the_conversation_and_marks_it(server, browser):
+    from selenium.webdriver.common.by import By
+
+    open_and_send(browser, server, "What is 6*7?")
+    deadline = time.monotonic() + 30
+    while "calculator" not in browser.execute_script(  # mid-reasoning: some of it is on screen
+            "return document.querySelector('.msg.assistant .reasoning .text')?.textContent || ''"):
+        assert time.monotonic() < deadline, "no reasoning streamed"
+        time.sleep(0.01)
+    browser.find_element(By.ID, "stop").click()
+    while not browser.find_element(By.ID, "send").is_enabled():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    shown = browser.execute_script("return document.querySelector('.msg.assistant .reasoning .text').textContent")
+    messages = browser.execute_script("return state.messages")
+    assert [m["role"] for m in messages] == ["user", "assistant"]  # the next turn's model sees what the user saw
+    assert messages[1]["reasoning_content"] == shown and "stopped" in browser.find_element(
+        By.CSS_SELECTOR, ".msg.assistant .stats").text

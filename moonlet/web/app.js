@@ -31,7 +31,13 @@ function el(tag, cls, text) {
   return e;
 }
 
-function scrollDown() { $("messages").scrollTop = $("messages").scrollHeight; }
+// at most once a frame: a layout per streamed token made a long reply quadratic (8k tokens: 10 s)
+let scrollPending = false;
+function scrollDown() {
+  if (scrollPending) return;
+  scrollPending = true;
+  requestAnimationFrame(() => { scrollPending = false; $("messages").scrollTop = $("messages").scrollHeight; });
+}
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -117,6 +123,7 @@ async function streamTurn(view) {
     throw new Error(j.error?.message || `HTTP ${r.status}`);
   }
   const msg = { role: "assistant", content: "", reasoning_content: "", tool_calls: [] };
+  view.msg = msg;  // what a Stop keeps of the turn
   let finish = null, tThinkEnd = null;
   for await (const data of sseEvents(r)) {
     if (data === "[DONE]") break;
@@ -134,12 +141,12 @@ async function streamTurn(view) {
       if (reasoning) {
         view.think.hidden = false;
         msg.reasoning_content += reasoning;
-        view.thinkText.textContent = msg.reasoning_content;
+        view.thinkText.append(reasoning);  // a text node per delta: no re-render of the whole reply
       }
       if (d.content) {
         if (tThinkEnd === null) tThinkEnd = performance.now();
         msg.content += d.content;
-        view.content.textContent = msg.content;
+        view.content.append(d.content);
       }
       for (const tc of d.tool_calls || []) {
         if (tc.id) {
@@ -177,25 +184,35 @@ function runTool(call) {
 }
 
 async function send(text) {
-  state.messages.push({ role: "user", content: text });
+  const convo = state.messages;  // Clear replaces it: a stopped turn must not write into the new one
+  convo.push({ role: "user", content: text });
   addUser(text);
   $("send").disabled = true;
   $("stop").disabled = false;
+  let view = null;
   try {
     for (let round = 0; round < 8; round++) {
-      const view = assistantView();
+      view = assistantView();
       const { msg, finish } = await streamTurn(view);
-      state.messages.push(msg);  // reasoning_content goes back with the tool calls
+      convo.push(msg);  // reasoning_content goes back with the tool calls
       if (finish !== "tool_calls" || !msg.tool_calls || !$("tools").checked) break;
       for (const call of msg.tool_calls) {
         const result = runTool(call);
         view.calls.appendChild(el("div", "toolresult", `← ${call.function.name}: ${result}`));
-        state.messages.push({ role: "tool", tool_call_id: call.id, content: result });
+        convo.push({ role: "tool", tool_call_id: call.id, content: result });
       }
       scrollDown();
     }
   } catch (err) {
-    if (err.name !== "AbortError") $("messages").appendChild(el("div", "msg error", `Error: ${err.message}`));
+    if (err.name !== "AbortError") {
+      $("messages").appendChild(el("div", "msg error", `Error: ${err.message}`));
+    } else if (view?.msg && state.messages === convo) {  // Stop: keep what the user saw, as the model's turn
+      const { role, content, reasoning_content } = view.msg;
+      if (content || reasoning_content) convo.push({ role, content, reasoning_content });
+      view.summary.textContent = "Thinking (stopped)";
+      view.think.open = false;
+      view.stats.prepend(el("span", "note", "stopped · "));
+    }
   } finally {
     $("send").disabled = false;
     $("stop").disabled = true;
