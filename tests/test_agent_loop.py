@@ -334,6 +334,11 @@ def test_eval_says_when_tasks_ended_on_errors_and_fails_when_all_did(tmp_path):
     s = json.loads(p.stdout.strip().splitlines()[-1])
     assert p.returncode == 1 and (s["errors"], s["n"]) == (2, 2)
     assert "2 of 2 tasks ended on an error" in p.stderr and "finish_reason 'error'" in p.stderr
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)  # the rows of two runs would mix
+    assert again.returncode == 1 and "already holds results" in again.stderr
+    assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 2
+    sweep = [*cmd[:-1], str(tmp_path / "sweep.jsonl"), "--sweep", "steps=1,2"]
+    assert subprocess.run(sweep, capture_output=True, text=True, timeout=60).returncode == 1  # as without --sweep
     for bad in (["--max-steps", "0"], ["--max-time", "-1"], ["--temperature", "nan"], ["--heavy", "0"]):
         p = subprocess.run(cmd + bad, capture_output=True, text=True, timeout=60)
         assert p.returncode == 2 and bad[0] in p.stderr and "Traceback" not in p.stderr, bad

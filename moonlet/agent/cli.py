@@ -448,6 +448,8 @@ def cli_eval(argv: list[str]) -> int:
     resolve_limits(args, model_ctx)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"runs/eval/{args.task}-{stamp}.jsonl")
+    if out.exists() and out.stat().st_size:  # rows are appended as tasks finish: two runs would mix
+        raise SystemExit(f"moonlet eval: --out {out} already holds results; give another path or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
     common = dict(concurrency=args.concurrency, context_limit=args.context_limit,
                   temperature=args.temperature, seed=args.seed, metrics=out, progress=not args.no_progress)
@@ -463,6 +465,7 @@ def cli_eval(argv: list[str]) -> int:
             print(json.dumps(summary))
         return 1 if summary["n"] and summary["errors"] == summary["n"] else 0
     curves: dict[str, list[dict]] = {}
+    dead = False  # a sweep point where every task ended on an error (a backend down): exit 1, as without --sweep
     for dial, values in parse_sweep(args.sweep).items():
         for v in values:
             b, heavy = budget_from(args), args.heavy
@@ -474,6 +477,7 @@ def cli_eval(argv: list[str]) -> int:
                 heavy = v
             s = evaluate(tasks, backend, budget=b, heavy=heavy, label=f"{dial}={v}", **common)
             report_errors(s, f"{dial}={v}")
+            dead = dead or bool(s["n"] and s["errors"] == s["n"])
             curves.setdefault(dial, []).append({"value": v, **{k: s[k] for k in ("accuracy", "mean_steps",
                                                                                  "mean_tokens", "wall_s")}})
             if not args.json:
@@ -485,4 +489,4 @@ def cli_eval(argv: list[str]) -> int:
                           "plot": str(plot), "metrics": str(out)}))
     else:
         print(f"plot: {plot}")
-    return 0
+    return 1 if dead else 0
