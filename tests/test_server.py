@@ -148,7 +148,9 @@ def test_http_framing_a_get_body_two_lengths_and_an_http_1_0_stream(servers):
     # a GET with a body, then a second request on the same connection: the body is not read as a request line
     out = http_exchange(base, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\n{\"a\":1}"
                               b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    assert out.count(b"HTTP/1.1 200 OK") == 2 and b"501" not in out
+    # status lines only: a bare b"501" can occur in the body (the model list's "created" timestamp)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", out) == [b"200", b"200"]
+    assert out.endswith(b'{"status": "ok"}')
     body = json.dumps({"model": "tiny", "messages": user("hi"), "stream": True}).encode()
     out = http_exchange(base, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
                               b"Content-Length: 3\r\n\r\n%s" % (len(body), body))
