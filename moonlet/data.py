@@ -86,7 +86,8 @@ def write_dataset(out: Path, splits: dict[str, Iterable[tuple[list[int], list[in
     """Write every split into a temporary directory and rename it into place, so a crash never leaves a
     data directory that looks complete."""
     check_out(out)
-    tmp = out.with_name(out.name + ".tmp")
+    # a hidden name of our own: `<out>.tmp` may be the user's, and two runs must not share one
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     meta = {"format": FORMAT, "vocab_size": vocab_size, "dtype": "uint16" if vocab_size <= 65536 else "uint32",
@@ -104,9 +105,11 @@ def write_dataset(out: Path, splits: dict[str, Iterable[tuple[list[int], list[in
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():  # renamed aside first, so there is never a moment with neither directory in place
+        os.replace(out, old)
     os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return meta
 
 

@@ -40,6 +40,11 @@ def test_prepare_tokenizes_every_document_followed_by_eos_into_memory_mapped_sha
     assert tok.decode(ids[: len(tok.encode(docs[0]))]) == docs[0]
 
 
+def hidden(directory):
+    """What a write left beside its output: the aside directories are hidden, named after --out."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
 def test_prepare_is_cached_until_a_source_changes(corpus, tmp_path):
     out = tmp_path / "out"
     first = data.prepare(corpus, out, val_every=2)
@@ -48,7 +53,7 @@ def test_prepare_is_cached_until_a_source_changes(corpus, tmp_path):
     (corpus / "a.txt").write_text("changed text, longer than before " * 30)
     again = data.prepare(corpus, out, val_every=2)
     assert not again["cached"] and again["fingerprint"] != first["fingerprint"]
-    assert not (tmp_path / "out.tmp").exists()  # written aside, then renamed into place
+    assert hidden(tmp_path) == []  # written aside, then renamed into place
 
 
 def test_reads_span_shard_boundaries(corpus, tmp_path, monkeypatch):
@@ -169,14 +174,22 @@ def test_prepare_refuses_data_with_nothing_to_train_on(corpus, tmp_path):
         data.prepare(tmp_path / "empty.jsonl", tmp_path / "e", kind="sft")
     with pytest.raises(data.DataError, match="--val-every 1 puts every document in the val split"):
         data.prepare(corpus, tmp_path / "v", val_every=1)
-    assert not (tmp_path / "e").exists() and not (tmp_path / "e.tmp").exists()
+    assert not (tmp_path / "e").exists() and hidden(tmp_path) == []
 
 
 def test_prepare_into_an_existing_file_is_refused_without_leaving_a_tmp_dir(corpus, tmp_path):
     (tmp_path / "afile").write_text("keep me")
     with pytest.raises(data.DataError, match="is a file, not a data directory"):
         data.prepare(corpus, tmp_path / "afile")
-    assert (tmp_path / "afile").read_text() == "keep me" and not (tmp_path / "afile.tmp").exists()
+    assert (tmp_path / "afile").read_text() == "keep me" and hidden(tmp_path) == []
+
+
+def test_a_users_out_tmp_directory_is_not_touched(corpus, tmp_path):
+    (tmp_path / "d.tmp").mkdir()
+    (tmp_path / "d.tmp" / "notes.txt").write_text("mine")
+    data.prepare(corpus, tmp_path / "d")
+    data.prepare(corpus, tmp_path / "d", force=True)  # the replacing write too
+    assert (tmp_path / "d.tmp" / "notes.txt").read_text() == "mine" and hidden(tmp_path) == []
 
 
 def test_an_interrupted_write_leaves_nothing_behind(tmp_path):
@@ -208,7 +221,7 @@ def test_prepare_never_replaces_a_directory_that_is_not_moonlet_data_or_overlaps
     project.mkdir()
     (project / "thesis.tex").write_text("years of work")
     assert data.cli_data(["prepare", "--source", str(corpus), "--out", str(project)]) == 2
-    assert (project / "thesis.tex").read_text() == "years of work" and not (tmp_path / "myproject.tmp").exists()
+    assert (project / "thesis.tex").read_text() == "years of work" and hidden(tmp_path) == []
     (tmp_path / "empty").mkdir()
     assert data.prepare(corpus, tmp_path / "empty", val_every=0)["splits"]["train"]["tokens"] > 0
     assert not data.prepare(corpus, tmp_path / "empty", val_every=0, force=True)["cached"]  # ours: replaced
