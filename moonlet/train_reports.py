@@ -76,8 +76,13 @@ def plot_run(run: str | Path, tau: float | None = None) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
+    """Write and close the figure; a "step" axis gets whole-number ticks (3 steps were labelled 0.25, 0.5, ...)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    for ax in fig.axes:
+        if ax.get_xlabel() == "step":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -91,11 +91,16 @@ def test_lr_schedules_warm_up_then_decay():
     assert lr_factor(110, cos) == pytest.approx(0.1)
 
 
-def test_plot_writes_loss_max_logit_and_expert_load_pngs(corpus, tmp_path):
+def test_plot_writes_loss_max_logit_and_expert_load_pngs(corpus, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figures to read their axes
     train(tc(corpus, tmp_path / "r", steps=3))
     paths = plot_run(tmp_path / "r")
     assert [p.name for p in paths] == ["loss.png", "max_logits.png", "expert_load.png"]
     assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+    assert len(figures) == 3 and all(t == int(t) for f in figures for t in f.axes[0].get_xticks())  # whole steps
 
 
 def test_plot_of_several_runs_overlays_them_in_comparison_pngs(corpus, tmp_path):

@@ -399,6 +399,7 @@ def plot_sweep(results: dict[str, list[dict]], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
     for ax, (dial, points) in zip(axes[0], results.items()):
@@ -406,6 +407,8 @@ def plot_sweep(results: dict[str, list[dict]], path: Path, title: str) -> None:
         ax.plot(xs, ys, marker="o")
         if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 8:
             ax.set_xscale("log", base=2)
+        else:  # every dial is a count: no 1.5 trajectories or 2.25 steps on the axis
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(SWEEP_DIALS[dial])
         ax.set_ylabel("accuracy")
         ax.set_ylim(-0.02, 1.02)
