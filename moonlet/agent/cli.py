@@ -278,6 +278,8 @@ def cli_agent(argv: list[str]) -> int:
                   f"{trace_path})", file=sys.stderr)
         elif stop == "context_full":
             print(f"moonlet agent: stopped, the context is full: {error}", file=sys.stderr)
+        elif stop == "empty":
+            print("moonlet agent: the model ended its turn with no answer and no tool call", file=sys.stderr)
     except KeyboardInterrupt:  # heavy mode: trajectories record their own ends
         answer, stop, steps, usage, cost = "", "interrupted", 0, empty_usage(), 0.0
     finally:

@@ -61,7 +61,8 @@ class Budget:
 @dataclass
 class Result:
     answer: str
-    stop_reason: str  # answer | truncated (hit max_tokens_per_step without calls) | max_steps |
+    stop_reason: str  # answer | empty (a turn with neither text nor calls) | truncated (hit max_tokens_per_step
+    #                   without calls) | max_steps |
     #                   max_total_tokens | max_wall_s | max_cost | context_full | repeated_calls | interrupted | error
     steps: int
     tool_calls: int
@@ -195,14 +196,15 @@ class Agent:
                            "finish_reason": turn.finish_reason, "elapsed": elapsed()})
                 if not turn.tool_calls:
                     answer = turn.content
-                    stop = {"error": "error", "length": "truncated"}.get(turn.finish_reason, "answer")
+                    stop = {"error": "error", "length": "truncated"}.get(turn.finish_reason,
+                                                                          "answer" if answer.strip() else "empty")
                     if stop == "error":
                         error = "the model's turn ended with finish_reason 'error'"
         except KeyboardInterrupt:
             stop = "interrupted"
         except Exception as e:  # the backend failed (server down, prompt too long): end resumably, never lose the trace
             stop, error = "error", f"{type(e).__name__}: {e}"
-        if not answer and stop not in ("answer", "truncated"):  # a budget or a failure ended it: the last
+        if not answer and stop not in ("answer", "empty", "truncated"):  # a budget or a failure ended it: the last
             # thing the model said is the best we have (an empty final answer stays empty, not interim text)
             answer = next((m["content"] for m in reversed(messages) if m["role"] == "assistant" and m["content"]), "")
         res = Result(answer, stop, steps, self._n_calls(messages), usage, self.budget.cost(usage), elapsed(),
