@@ -44,7 +44,7 @@ _SUFFIX = {"weight": "", "weight_packed": "_packed", "weight_scale": "_scale"}
 
 def build(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
           packed_layers: set[int] | None = None) -> Transformer:
-    """Allocate an uninitialized model directly in `dtype` on `device` (routing buffers stay fp32).
+    """Allocate an uninitialized model directly in `dtype` on `device` (the router stays fp32).
     `packed_layers`: layers whose routed experts are INT4-packed on disk (None: all, if the config is quantized)."""
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -53,11 +53,11 @@ def build(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dty
 
         quant.replace_experts_for_checkpoint(model, cfg.quantization_config, layers=packed_layers)
     model = model.to(dtype=dtype) if dtype is not None else model
+    for moe in model.moe_layers():  # the router stays fp32 (HF keeps gate.weight so too): bf16-rounded
+        moe.gate.float()  # weights pick other experts in near ties, and the bias moves below bf16's resolution
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie again
         model.lm_head.weight = model.embed_tokens.weight
-    for moe in model.moe_layers():
-        moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias.float()
     return model
 
 
@@ -449,7 +449,7 @@ def save(model: Transformer, directory: str | Path, max_shard_size: int | str = 
         if dtype is not None and t.is_floating_point() and not keeps_fp32(name):
             t = t.to(dtype)
         writer.add(name, t)
-    return writer.close(config_for_disk(model.cfg, dtype or next(model.parameters()).dtype))
+    return writer.close(config_for_disk(model.cfg, dtype or model.embed_tokens.weight.dtype))
 
 
 def checkpoint_tensor_names(path: str | Path) -> dict[str, list[str]]:

@@ -72,7 +72,9 @@ def test_preset_model_saved_by_moonlet_runs_in_transformers_with_same_logits(tmp
 def test_bf16_logits_track_the_fp32_peer(tiny_hf_checkpoint):
     path, hf = tiny_hf_checkpoint()
     model = moonlet.load(path, dtype=torch.bfloat16)
-    assert model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32, "routing bias stays fp32"
+    gate = model.layers[1].mlp.gate  # the router stays fp32, as in HF (_keep_in_fp32_modules_strict)
+    assert gate.e_score_correction_bias.dtype == gate.weight.dtype == torch.float32
+    assert torch.equal(gate.weight, load_file(path / "model.safetensors")["model.layers.1.mlp.gate.weight"])
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref = hf(ids).logits
