@@ -105,6 +105,9 @@ def validate(body: Any, model_name: str, max_model_len: int, default_max_tokens:
     parallel = body.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
         raise APIError(400, f"'parallel_tool_calls' must be a boolean, got {parallel!r}", "parallel_tool_calls")
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: benchmarks generate exactly max_tokens
+    if not isinstance(ignore_eos, bool):
+        raise APIError(400, f"'ignore_eos' must be a boolean, got {ignore_eos!r}", "ignore_eos")
     max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     top_k = _number(body, "top_k", 0, -1, 1 << 30, integer=True)
     thinking = _number(body, "max_thinking_tokens", None, 0, max_model_len, integer=True)
@@ -116,7 +119,7 @@ def validate(body: Any, model_name: str, max_model_len: int, default_max_tokens:
         "n": _number(body, "n", 1, 1, MAX_N, integer=True),
         "max_tokens": _number(body, max_key, None, 1, max_model_len, integer=True), "max_key": max_key,
         "default_max_tokens": default_max_tokens, "max_thinking_tokens": thinking, "stop": tuple(stop),
-        "stream": stream, "include_usage": bool((opts or {}).get("include_usage")),
+        "ignore_eos": ignore_eos, "stream": stream, "include_usage": bool((opts or {}).get("include_usage")),
     }
 
 

@@ -11,7 +11,9 @@ written by one SSE writer thread for all streams (the engine tells it which requ
 the cost per token does not grow with the number of threads waiting on the engine.
 
 Reasoning goes out as both `reasoning_content` (Moonshot, older vLLM) and `reasoning` (newer vLLM), and
-comes back in either field on assistant messages. Tool calls stream as OpenAI deltas: the first delta of a
+comes back in either field on assistant messages. Beyond OpenAI's fields a request may send (as the openai
+client's `extra_body`) `top_k`, `max_thinking_tokens` (the engine forces `</think>` at that many reasoning
+tokens) and vLLM's `ignore_eos` (end-of-turn tokens do not end the turn: benchmarks get exactly max_tokens). Tool calls stream as OpenAI deltas: the first delta of a
 call carries index/id/name, then argument fragments. A client that goes away (socket EOF, seen by one poll
 thread, or a failed write) cancels its engine requests, which frees their batch slots at the next step.
 
@@ -298,7 +300,7 @@ class Handler(BaseHTTPRequestHandler):
                 seed = None if req["seed"] is None else req["seed"] + i
                 params = SamplingParams(temperature=req["temperature"], top_p=req["top_p"], top_k=req["top_k"],
                                         seed=seed, max_tokens=req["max_tokens"], stop=req["stop"],
-                                        stop_token_ids=stop_ids,
+                                        stop_token_ids=stop_ids, ignore_eos=req["ignore_eos"],
                                         max_thinking_tokens=None if prefix else req["max_thinking_tokens"])
                 choices.append(Choice(i, self.server.engine.submit(prompt, params, listener), self.server.tokenizer,
                                       prefix, req["parallel_tool_calls"]))

@@ -256,6 +256,18 @@ def test_max_tokens_ends_with_length(real):
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
 
 
+def test_ignore_eos_generates_exactly_max_tokens(real):
+    """vLLM's `ignore_eos` extension, for benchmarks and load tests: end-of-turn tokens do not end the turn.
+    (A tool is declared: without tools a tool section still ends it, as the model may not call one.)"""
+    r = real.chat.completions.create(model="tiny", messages=user("Talk on"), tools=[WEATHER_TOOL], n=4,
+                                     max_tokens=500, temperature=1.0, extra_body={"ignore_eos": True})
+    assert [c.finish_reason for c in r.choices] == ["length"] * 4 and r.usage.completion_tokens == 4 * 500
+    with pytest.raises(openai.BadRequestError) as e:
+        real.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=2,
+                                     extra_body={"ignore_eos": "yes"})
+    assert e.value.body["param"] == "ignore_eos"
+
+
 def test_concurrent_streaming_clients_all_finish(real):
     results, errors = [], []
 
@@ -337,17 +349,18 @@ def test_a_client_that_stops_reading_its_stream_does_not_hold_up_the_others():
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_cancels_the_engine_request(servers, stream):
+    """ignore_eos: the request must still be running when the client goes (the random model can end early)."""
     base = servers["real"]
     before = metric(metrics(base), 'moonlet_requests_total{status="cancelled"}')
     u = urlsplit(base)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-    body = json.dumps({"model": "tiny", "messages": user("a long answer please"), "max_tokens": MAX_LEN - 100,
-                       "stream": stream}).encode()
+    body = json.dumps({"model": "tiny", "messages": user("a long answer please"), "max_tokens": MAX_LEN - 200,
+                       "tools": [WEATHER_TOOL], "ignore_eos": True, "stream": stream}).encode()
     conn.request("POST", "/v1/chat/completions", body, {"Authorization": f"Bearer {KEY}",
                                                         "Content-Type": "application/json"})
     if stream:
         resp = conn.getresponse()
-        assert resp.status == 200
+        assert resp.status == 200, resp.read()
         resp.fp.readline()  # the first chunk arrived: generation is under way
     else:  # nothing is written before the end: the server must notice the closed socket by itself
         time.sleep(0.3)
