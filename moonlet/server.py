@@ -13,7 +13,8 @@ the cost per token does not grow with the number of threads waiting on the engin
 Reasoning goes out as both `reasoning_content` (Moonshot, older vLLM) and `reasoning` (newer vLLM), and
 comes back in either field on assistant messages. Beyond OpenAI's fields a request may send (as the openai
 client's `extra_body`) `top_k`, `max_thinking_tokens` (the engine forces `</think>` at that many reasoning
-tokens) and vLLM's `ignore_eos` (end-of-turn tokens do not end the turn: benchmarks get exactly max_tokens). Tool calls stream as OpenAI deltas: the first delta of a
+tokens) and vLLM's `ignore_eos` (only max_tokens and `stop` strings end the turn, not even a tool section
+when no tools are declared: for benchmarks and load tests). Tool calls stream as OpenAI deltas: the first delta of a
 call carries index/id/name, then argument fragments. A client that goes away (socket EOF, seen by one poll
 thread, or a failed write) cancels its engine requests, which frees their batch slots at the next step.
 
@@ -294,7 +295,7 @@ class Handler(BaseHTTPRequestHandler):
         choices: list[Choice] = []
         # no tools declared, or tool_choice 'none': the model may not call one, so a tool section ends the turn
         no_tools = not req["tools"] or req["tool_choice"] == "none"
-        stop_ids = (self.server.tokenizer.special[SECTION_BEGIN],) if no_tools else ()
+        stop_ids = (self.server.tokenizer.special[SECTION_BEGIN],) if no_tools and not req["ignore_eos"] else ()
         try:
             for i in range(req["n"]):
                 seed = None if req["seed"] is None else req["seed"] + i

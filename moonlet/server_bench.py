@@ -106,7 +106,8 @@ def _engine_peer(model: str, bodies: list[bytes], concurrency: int) -> tuple[flo
     engine = Engine(moonlet.load(model), tok, max_batch_size=concurrency).start()
     try:
         jobs = [(chat.render_ids(b["messages"], tok, add_generation_prompt=True)[0],
-                 SamplingParams(temperature=b["temperature"], seed=b["seed"], max_tokens=b["max_tokens"]))
+                 SamplingParams(temperature=b["temperature"], seed=b["seed"], max_tokens=b["max_tokens"],
+                                ignore_eos=b.get("ignore_eos", False)))
                 for b in map(json.loads, bodies)]
         t0, cpu0 = time.perf_counter(), time.process_time()
         reqs = [engine.submit(ids, params) for ids, params in jobs]
@@ -129,6 +130,8 @@ def cli_bench_serve(argv: list[str]) -> int:
     p.add_argument("--concurrency", type=int, default=64, help="clients streaming at once (64)")
     p.add_argument("--requests", type=int, default=512, help="requests in total (512)")
     p.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="every request generates exactly --max-tokens (vLLM's ignore_eos; the server must support it)")
     p.add_argument("--timeout", type=float, default=600.0, help="overall limit in seconds; unfinished requests fail")
     p.add_argument("--no-engine-peer", dest="engine_peer", action="store_false",
                    help="skip the peer run (the same requests submitted to an in-process engine, no HTTP)")
@@ -148,10 +151,11 @@ def cli_bench_serve(argv: list[str]) -> int:
 
         with urllib.request.urlopen(urllib.request.Request(a.base_url + "/models", headers=headers), timeout=30) as r:
             model = json.load(r)["data"][0]["id"]
+        extra = {"ignore_eos": True} if a.ignore_eos else {}
         bodies = [json.dumps({"model": model, "max_tokens": a.max_tokens, "stream": True,
                               "stream_options": {"include_usage": True}, "temperature": 1.0, "seed": i,
                               "messages": [{"role": "user", "content": f"Request {i}: tell me about the number {i}."}]
-                              }).encode() for i in range(a.requests)]
+                              } | extra).encode() for i in range(a.requests)]
         deadline = time.monotonic() + a.timeout
         results, errors = [], []
 
