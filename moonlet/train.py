@@ -446,8 +446,7 @@ def _parser() -> argparse.ArgumentParser:
       "it are rescaled after each step (default: %(default)s)")
     a("--no-qk-clip", action="store_true", help="vanilla Muon: measure max logits but never clip")
     a("--bias-update", type=number_in(0), default=d.bias_update, help="aux-loss-free balancing speed u; 0 = off "
-      "(default: %(default)s, DeepSeek-V3's; for runs of a few thousand steps or fewer use 0.01: in 200 nano steps "
-      "0.001 left experts 2.6-4.9x the mean load, 0.01 1.4x at equal loss, docs/experiments/balancing.md)")
+      "(default: %(default)s, DeepSeek-V3's long-run value; short runs balance with 0.01: docs/experiments/balancing.md)")
     a("--aux-loss-alpha", type=number_in(0), default=d.aux_loss_alpha, help="sequence-wise balance loss weight "
       "(DeepSeek-V3: ~1e-4); 0 = off (default: %(default)s)")
     a("--eval-every", type=at_least(0), default=d.eval_every, help="eval loss on the val split every N steps; 0 = off (default: %(default)s)")
