@@ -16,8 +16,9 @@ client's `extra_body`) `top_k`, `max_thinking_tokens` (the engine forces `</thin
 tokens) and vLLM's `ignore_eos` (only max_tokens and `stop` strings end the turn, not even a tool section
 when no tools are declared: for benchmarks and load tests).
 
-Tool calls stream as OpenAI deltas: the first delta of a call carries index/id/name, then argument fragments. A client that goes away (socket EOF, seen by one poll
-thread, or a failed write) cancels its engine requests, which frees their batch slots at the next step.
+Tool calls stream as OpenAI deltas: the first delta of a call carries index/id/name, then argument fragments.
+A client that goes away (socket EOF, seen by one poll thread, or a failed write) cancels its engine requests,
+which frees their batch slots at the next step.
 
 `--script FILE` is a TESTING AID (moonlet.scripted): it replaces the model by a replay of given K2-format
 completions, so the protocol paths run end to end without a trained model. It proves no model capability.
