@@ -201,12 +201,51 @@ def muonclip_experiment(out: Path, data: str, steps: int, lr: float, adamw_lr: f
                          "wall_s": round(time.perf_counter() - t0, 1),
                          "cpu_s": round(time.process_time() - c0, 1)}
     summary["muon_peak_over_tau"] = summary["muon"]["max_logit_peak"] / tau
+    muon, clip = logit_stats(read_metrics(runs["muon"].out), tau), logit_stats(read_metrics(runs["muonclip"].out), tau)
+    summary["muon"] |= muon
+    summary["muonclip"] |= clip
+    # the issue's claims as measured here; the clip's on the logged max, which is measured before each step's clip
+    peak = clip["after_first_clip_peak_x_tau"]
+    summary["claims"] = {"vanilla_reaches_3_tau": muon["first_step_over_3_tau"] is not None,
+                         "clip_holds_tau": None if peak is None else peak <= 1.0,  # None: it never clipped
+                         "clip_loss_minus_vanilla": (summary["muonclip"]["final_loss_avg_last10pct"]
+                                                     - summary["muon"]["final_loss_avg_last10pct"]),
+                         "muon_loss_minus_adamw": (summary["muonclip_adamw_lr"]["final_loss_avg_last10pct"]
+                                                   - summary["adamw"]["final_loss_avg_last10pct"]),
+                         "muon_step_reaching_adamw_final_loss": step_reaching(
+                             read_metrics(runs["muonclip_adamw_lr"].out), read_metrics(runs["adamw"].out))}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     try:
         plot_comparison({n: out / n for n in runs}, out, prefix="muonclip_", tau=tau)
     except ImportError:
         print("moonlet experiment: matplotlib missing, no plots", file=sys.stderr)
     return summary
+
+
+def logit_stats(recs: list[dict], tau: float) -> dict:
+    """How a run's logged max logit relates to tau: the first steps above tau and 3 tau, and after the first
+    step that clipped (QK-Clip runs) the mean and peak of the later steps' max, in units of tau, and the
+    fraction of them above tau. The logged max is measured before the step's clip (see optim.qk_clip)."""
+    def over(limit: float) -> int | None:
+        return next((r["step"] for r in recs if r["max_logit"] > limit), None)
+
+    first = next((i for i, r in enumerate(recs) if r["heads_clipped"]), None)
+    after = [r["max_logit"] / tau for r in recs[first + 1:]] if first is not None else []
+    return {"first_step_over_tau": over(tau), "first_step_over_3_tau": over(3 * tau),
+            "first_clip_step": None if first is None else recs[first]["step"],
+            "after_first_clip_mean_x_tau": sum(after) / len(after) if after else None,
+            "after_first_clip_peak_x_tau": max(after) if after else None,
+            "after_first_clip_frac_over_tau": sum(a > 1 for a in after) / len(after) if after else None}
+
+
+def step_reaching(recs: list[dict], target: list[dict]) -> int | None:
+    """The first step at which recs' loss, a moving average over a tenth of the run, is at or below target's
+    final moving average (equal tokens per step: Muon's token efficiency against AdamW's)."""
+    w = max(1, len(target) // 10)
+    goal = sum(r["loss"] for r in target[-w:]) / w
+    losses = [r["loss"] for r in recs]
+    return next((recs[i]["step"] for i in range(w - 1, len(losses)) if sum(losses[i - w + 1:i + 1]) / w <= goal),
+                None)
 
 
 def plot_comparison(runs: dict[str, str | Path], out: str | Path, prefix: str = "compare_",

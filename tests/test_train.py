@@ -126,6 +126,32 @@ def test_muonclip_experiment_runs_four_arms_on_one_data_order_and_plots_them(cor
     tokens = [[r["tokens"] for r in read_metrics(tmp_path / "mc" / n)] for n in ("muon", "muonclip", "adamw")]
     assert tokens[0] == tokens[1] == tokens[2] == [32, 64, 96]
     assert {p.name for p in (tmp_path / "mc").glob("*.png")} == {"muonclip_loss.png", "muonclip_max_logits.png"}
+    assert s["muonclip"]["first_clip_step"] == 1 and s["muon"]["first_clip_step"] is None
+    assert s["claims"]["clip_holds_tau"] == (s["muonclip"]["after_first_clip_peak_x_tau"] <= 1.0)
+
+
+def test_logit_stats_say_when_vanilla_passes_tau_and_how_far_above_it_a_clipped_run_stays():
+    from moonlet.train_reports import logit_stats
+
+    logged = [(50, 0), (120, 2), (90, 0), (310, 1), (105, 1), (80, 0)]  # (max logit, heads clipped) per step
+    recs = [{"step": i + 1, "max_logit": m, "heads_clipped": c} for i, (m, c) in enumerate(logged)]
+    st = logit_stats(recs, tau=100.0)
+    assert (st["first_step_over_tau"], st["first_step_over_3_tau"], st["first_clip_step"]) == (2, 4, 2)
+    # after the first clip (step 2): steps 3-6 logged 0.9, 3.1, 1.05, 0.8 tau
+    assert st["after_first_clip_mean_x_tau"] == pytest.approx((0.9 + 3.1 + 1.05 + 0.8) / 4)
+    assert st["after_first_clip_peak_x_tau"] == pytest.approx(3.1) and st["after_first_clip_frac_over_tau"] == 0.5
+    never = logit_stats([{"step": 1, "max_logit": 10.0, "heads_clipped": 0}], tau=100.0)
+    assert never["first_step_over_tau"] is None and never["after_first_clip_peak_x_tau"] is None
+
+
+def test_step_reaching_is_when_a_runs_moving_average_loss_first_matches_the_others_final_one():
+    from moonlet.train_reports import step_reaching
+
+    run = lambda losses: [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]  # noqa: E731
+    adamw = run([9.0] * 10 + [5.0] * 10)  # moving average over 2 steps: final 5.0
+    muon = run([9.0] * 5 + [5.0] * 15)
+    assert step_reaching(muon, adamw) == 7 and step_reaching(adamw, adamw) == 12
+    assert step_reaching(run([6.0] * 20), adamw) is None
 
 
 def test_int4_experiment_compares_bf16_rtn_and_qat_arms_at_equal_tokens(corpus, tmp_path):
