@@ -148,10 +148,11 @@ def test_step_reaching_is_when_a_runs_moving_average_loss_first_matches_the_othe
     from moonlet.train_reports import step_reaching
 
     run = lambda losses: [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]  # noqa: E731
-    adamw = run([9.0] * 10 + [5.0] * 10)  # moving average over 2 steps: final 5.0
+    adamw = run([9.0] * 10 + [5.0] * 10)
     muon = run([9.0] * 5 + [5.0] * 15)
-    assert step_reaching(muon, adamw) == 7 and step_reaching(adamw, adamw) == 12
-    assert step_reaching(run([6.0] * 20), adamw) is None
+    final = (adamw[-1]["loss"] + adamw[-2]["loss"]) / 2  # its final moving average over 2 steps: 5.0
+    assert step_reaching(muon, final) == 7 and step_reaching(adamw, final) == 12
+    assert step_reaching(run([6.0] * 20), final) is None
 
 
 def test_int4_experiment_compares_bf16_rtn_and_qat_arms_at_equal_tokens(corpus, tmp_path):
