@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import shutil
 import sys
@@ -223,6 +224,28 @@ def muonclip_experiment(out: Path, data: str, steps: int, lr: float, adamw_lr: f
     return summary
 
 
+def muonclip_seeds(out: Path, seeds: list[int], **kw) -> dict:
+    """The MuonClip experiment for each seed (the seed sets both the init and the data order): one seed trains
+    in OUT itself, several in OUT/seed{N}, with OUT/summary.json holding every seed's summary and, across
+    seeds, each claim's values and the spread (min, mean, max) of the numbers behind it."""
+    if len(seeds) == 1:
+        return muonclip_experiment(out, seed=seeds[0], **kw)
+    per_seed = {str(n): muonclip_experiment(out / f"seed{n}", seed=n, **kw) for n in seeds}
+    spread = {}
+    for where in (("muon_peak_over_tau",), ("muon", "first_step_over_3_tau"),
+                  ("muonclip", "after_first_clip_mean_x_tau"), ("muonclip", "after_first_clip_peak_x_tau"),
+                  ("muonclip", "after_first_clip_frac_over_tau"), ("claims", "clip_loss_minus_vanilla"),
+                  ("claims", "muon_loss_minus_adamw"), ("claims", "muon_step_reaching_adamw_final_loss")):
+        values = [functools.reduce(dict.get, where, s) for s in per_seed.values()]
+        values = [v for v in values if v is not None]  # None: it never happened in that seed
+        spread[".".join(where)] = {"min": min(values), "mean": sum(values) / len(values), "max": max(values),
+                                   "seeds": len(values)} if values else None
+    claims = {k: [s["claims"][k] for s in per_seed.values()] for k in ("vanilla_reaches_3_tau", "clip_holds_tau")}
+    summary = {"seeds": per_seed, "across_seeds": {"claims": claims, "spread": spread}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def logit_stats(recs: list[dict], tau: float) -> dict:
     """How a run's logged max logit relates to tau: the first steps above tau and 3 tau, and after the first
     step that clipped (QK-Clip runs) the mean and peak of the later steps' max, in units of tau, and the
@@ -365,7 +388,9 @@ def cli_experiment(argv: list[str]) -> int:
     p.add_argument("--seq-len", type=int, default=64, help="(default: %(default)s)")
     p.add_argument("--micro-batch", type=int, default=8, help="(default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, each setting the init and data order; "
+                   "several train in OUT/seed{N} and OUT/summary.json adds the claims across seeds "
+                   "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     q = sub.add_parser("int4", help="bf16 vs RTN INT4 vs QAT INT4 routed experts at equal tokens",
@@ -390,13 +415,21 @@ def cli_experiment(argv: list[str]) -> int:
     q.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     args = ap.parse_args(argv)
     try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        ap.error(f"--seeds: {args.seeds!r} repeats a seed")
+    try:
         if args.name == "int4":
             summary = int4_experiment(Path(args.out), args.data, args.steps, args.stage_steps, args.stage_lr,
-                                      [int(x) for x in args.seeds.split(",")], args.seq_len, args.micro_batch,
+                                      seeds, args.seq_len, args.micro_batch,
                                       args.vocab_size, args.eval_batches, args.threads)
         else:
-            summary = muonclip_experiment(Path(args.out), args.data, args.steps, args.lr, args.adamw_lr, args.tau,
-                                          args.seq_len, args.micro_batch, args.weight_decay, args.seed, args.threads)
+            summary = muonclip_seeds(Path(args.out), seeds, data=args.data, steps=args.steps, lr=args.lr,
+                                     adamw_lr=args.adamw_lr, tau=args.tau, seq_len=args.seq_len,
+                                     micro_batch=args.micro_batch, weight_decay=args.weight_decay,
+                                     threads=args.threads)
     except FileNotFoundError as e:
         print(f"moonlet experiment: {e}", file=sys.stderr)
         return 2

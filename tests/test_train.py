@@ -130,6 +130,29 @@ def test_muonclip_experiment_runs_four_arms_on_one_data_order_and_plots_them(cor
     assert s["claims"]["clip_holds_tau"] == (s["muonclip"]["after_first_clip_peak_x_tau"] <= 1.0)
 
 
+def test_muonclip_experiment_over_several_seeds_reports_each_claim_per_seed_and_its_spread(corpus, tmp_path,
+                                                                                            capsys):
+    from moonlet.train_reports import cli_experiment
+
+    out = tmp_path / "mc"
+    argv = ["muonclip", "--data", str(corpus), "--out", str(out), "--steps", "2", "--tau", "0.05", "--seq-len", "16",
+            "--micro-batch", "2", "--json"]
+    assert cli_experiment(argv + ["--seeds", "0,1"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s == json.loads((out / "summary.json").read_text())
+    assert set(s["seeds"]) == {"0", "1"} and (out / "seed0" / "muon").is_dir() and (out / "seed1" / "adamw").is_dir()
+    first = [r["loss"] for r in read_metrics(out / "seed0" / "muon")]
+    assert first != [r["loss"] for r in read_metrics(out / "seed1" / "muon")]  # another init and data order
+    assert s["across_seeds"]["claims"]["clip_holds_tau"] == [s["seeds"][n]["claims"]["clip_holds_tau"]
+                                                            for n in ("0", "1")]
+    peaks = [s["seeds"][n]["muon_peak_over_tau"] for n in ("0", "1")]
+    assert s["across_seeds"]["spread"]["muon_peak_over_tau"] == {
+        "min": min(peaks), "mean": pytest.approx(sum(peaks) / 2), "max": max(peaks), "seeds": 2}
+    with pytest.raises(SystemExit):
+        cli_experiment(argv + ["--seeds", "0,x"])
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
 def test_logit_stats_say_when_vanilla_passes_tau_and_how_far_above_it_a_clipped_run_stays():
     from moonlet.train_reports import logit_stats
 
