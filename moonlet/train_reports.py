@@ -243,7 +243,33 @@ def muonclip_seeds(out: Path, seeds: list[int], **kw) -> dict:
     claims = {k: [s["claims"][k] for s in per_seed.values()] for k in ("vanilla_reaches_3_tau", "clip_holds_tau")}
     summary = {"seeds": per_seed, "across_seeds": {"claims": claims, "spread": spread}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        plot_seed_logits(out, seeds, kw["tau"])
+    except ImportError:
+        print("moonlet experiment: matplotlib missing, no plots", file=sys.stderr)
     return summary
+
+
+def plot_seed_logits(out: Path, seeds: list[int], tau: float) -> Path:
+    """OUT/muonclip_seeds_max_logits.png: every seed's max logit over tau, vanilla Muon against MuonClip, on
+    a log axis (vanilla's climb spans decades; the clip's band around 1 would be flat on a linear one)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, n in enumerate(seeds):
+        for arm, color in (("muon", "tab:blue"), ("muonclip", "tab:orange")):
+            rs = read_metrics(out / f"seed{n}" / arm)
+            ax.plot([r["step"] for r in rs], [r["max_logit"] / tau for r in rs], color=color, lw=1, alpha=0.7,
+                    label=f"{arm} ({len(seeds)} seeds)" if i == 0 else None)
+    ax.axhline(1, color="k", ls="--", lw=1, label="tau")
+    ax.axhline(3, color="gray", ls=":", lw=1, label="3 tau")
+    ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="max pre-softmax logit / tau", title="max attention logit, one line per seed")
+    ax.legend()
+    return _save(fig, out / "muonclip_seeds_max_logits.png")
 
 
 def logit_stats(recs: list[dict], tau: float) -> dict:

@@ -148,6 +148,7 @@ def test_muonclip_experiment_over_several_seeds_reports_each_claim_per_seed_and_
     peaks = [s["seeds"][n]["muon_peak_over_tau"] for n in ("0", "1")]
     assert s["across_seeds"]["spread"]["muon_peak_over_tau"] == {
         "min": min(peaks), "mean": pytest.approx(sum(peaks) / 2), "max": max(peaks), "seeds": 2}
+    assert (out / "muonclip_seeds_max_logits.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit):
         cli_experiment(argv + ["--seeds", "0,x"])
     assert "comma-separated integers" in capsys.readouterr().err
