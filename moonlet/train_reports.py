@@ -443,9 +443,9 @@ def cli_experiment(argv: list[str]) -> int:
     try:
         seeds = [int(x) for x in args.seeds.split(",")]
     except ValueError:
-        ap.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        ap.error(f"--seeds: {args.seeds!r} repeats a seed")
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        ap.error(f"--seeds: distinct comma-separated integers >= 0, got {args.seeds!r}")
     try:
         if args.name == "int4":
             summary = int4_experiment(Path(args.out), args.data, args.steps, args.stage_steps, args.stage_lr,

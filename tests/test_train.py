@@ -149,9 +149,10 @@ def test_muonclip_experiment_over_several_seeds_reports_each_claim_per_seed_and_
     assert s["across_seeds"]["spread"]["muon_peak_over_tau"] == {
         "min": min(peaks), "mean": pytest.approx(sum(peaks) / 2), "max": max(peaks), "seeds": 2}
     assert (out / "muonclip_seeds_max_logits.png").read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(SystemExit):
-        cli_experiment(argv + ["--seeds", "0,x"])
-    assert "comma-separated integers" in capsys.readouterr().err
+    for bad in ("0,x", "1,1", "-1"):
+        with pytest.raises(SystemExit):
+            cli_experiment(argv + [f"--seeds={bad}"])
+        assert "--seeds: distinct comma-separated integers >= 0" in capsys.readouterr().err
 
 
 def test_logit_stats_say_when_vanilla_passes_tau_and_how_far_above_it_a_clipped_run_stays():
