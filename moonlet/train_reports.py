@@ -177,10 +177,11 @@ def _model_changed(out: Path, cfg: ModelConfig) -> bool:
 
 def muonclip_experiment(out: Path, data: str, steps: int, lr: float, adamw_lr: float, tau: float, seq_len: int,
                         micro_batch: int, weight_decay: float, seed: int, threads: int | None = 1,
-                        progress: bool = True) -> dict:
+                        progress: bool = True) -> tuple[dict, dict[str, list[dict]]]:
     """Four runs on the same data order: vanilla Muon at an aggressive lr (max logits measured, never
     clipped), MuonClip (same lr, QK-Clip at tau), and AdamW vs MuonClip at AdamW's lr (Moonlight's RMS
-    matching makes the lr carry over); then comparison plots. Finished runs are reused (resume)."""
+    matching makes the lr carry over); then comparison plots. Finished runs are reused (resume). Returns the
+    summary and each run's metrics records."""
     out.mkdir(parents=True, exist_ok=True)
     model_changed = _model_changed(out, experiment_config(EXPERIMENT_MODEL, data))
     runs = experiment_runs(out, data, steps, lr, adamw_lr, tau, seq_len, micro_batch, weight_decay, seed, threads,
@@ -221,7 +222,7 @@ def muonclip_experiment(out: Path, data: str, steps: int, lr: float, adamw_lr: f
         plot_comparison({n: out / n for n in runs}, out, prefix="muonclip_", tau=tau)
     except ImportError:
         print("moonlet experiment: matplotlib missing, no plots", file=sys.stderr)
-    return summary
+    return summary, logs
 
 
 def muonclip_seeds(out: Path, seeds: list[int], **kw) -> dict:
@@ -229,8 +230,10 @@ def muonclip_seeds(out: Path, seeds: list[int], **kw) -> dict:
     in OUT itself, several in OUT/seed{N}, with OUT/summary.json holding every seed's summary and, across
     seeds, each claim's values and the spread (min, mean, max) of the numbers behind it."""
     if len(seeds) == 1:
-        return muonclip_experiment(out, seed=seeds[0], **kw)
-    per_seed = {str(n): muonclip_experiment(out / f"seed{n}", seed=n, **kw) for n in seeds}
+        return muonclip_experiment(out, seed=seeds[0], **kw)[0]
+    per_seed, logs = {}, {}
+    for n in seeds:
+        per_seed[str(n)], logs[n] = muonclip_experiment(out / f"seed{n}", seed=n, **kw)
     spread = {}
     for where in (("muon_peak_over_tau",), ("muon", "first_step_over_3_tau"),
                   ("muonclip", "after_first_clip_mean_x_tau"), ("muonclip", "after_first_clip_peak_x_tau"),
@@ -244,26 +247,27 @@ def muonclip_seeds(out: Path, seeds: list[int], **kw) -> dict:
     summary = {"seeds": per_seed, "across_seeds": {"claims": claims, "spread": spread}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     try:
-        plot_seed_logits(out, seeds, kw["tau"])
+        plot_seed_logits(logs, out, kw["tau"])
     except ImportError:
         print("moonlet experiment: matplotlib missing, no plots", file=sys.stderr)
     return summary
 
 
-def plot_seed_logits(out: Path, seeds: list[int], tau: float) -> Path:
-    """OUT/muonclip_seeds_max_logits.png: every seed's max logit over tau, vanilla Muon against MuonClip, on
-    a log axis (vanilla's climb spans decades; the clip's band around 1 would be flat on a linear one)."""
+def plot_seed_logits(logs: dict[int, dict[str, list[dict]]], out: Path, tau: float) -> Path:
+    """OUT/muonclip_seeds_max_logits.png: every seed's max logit over tau ({seed: {run: metrics records}}),
+    vanilla Muon against MuonClip, on a log axis (vanilla's climb spans decades; the clip's band around 1
+    would be flat on a linear one)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, n in enumerate(seeds):
+    for i, runs in enumerate(logs.values()):
         for arm, color in (("muon", "tab:blue"), ("muonclip", "tab:orange")):
-            rs = read_metrics(out / f"seed{n}" / arm)
+            rs = runs[arm]
             ax.plot([r["step"] for r in rs], [r["max_logit"] / tau for r in rs], color=color, lw=1, alpha=0.7,
-                    label=f"{arm} ({len(seeds)} seeds)" if i == 0 else None)
+                    label=f"{arm} ({len(logs)} seeds)" if i == 0 else None)
     ax.axhline(1, color="k", ls="--", lw=1, label="tau")
     ax.axhline(3, color="gray", ls=":", lw=1, label="3 tau")
     ax.set_yscale("log")

@@ -119,8 +119,10 @@ def test_plot_of_several_runs_overlays_them_in_comparison_pngs(corpus, tmp_path)
 def test_muonclip_experiment_runs_four_arms_on_one_data_order_and_plots_them(corpus, tmp_path):
     from moonlet.train_reports import muonclip_experiment
 
-    s = muonclip_experiment(tmp_path / "mc", str(corpus), steps=3, lr=2e-2, adamw_lr=3e-3, tau=0.05, seq_len=16,
-                            micro_batch=2, weight_decay=0.0, seed=0, progress=False)
+    s, logs = muonclip_experiment(tmp_path / "mc", str(corpus), steps=3, lr=2e-2, adamw_lr=3e-3, tau=0.05,
+                                  seq_len=16, micro_batch=2, weight_decay=0.0, seed=0, progress=False)
+    assert set(logs) == {"muon", "muonclip", "adamw", "muonclip_adamw_lr"}
+    assert all(logs[n] == read_metrics(tmp_path / "mc" / n) for n in logs)  # the records the summary was made from
     assert s["muon"]["heads_clipped_total"] == 0 < s["muonclip"]["heads_clipped_total"]  # tau tiny: it must clip
     assert s["muon_peak_over_tau"] == s["muon"]["max_logit_peak"] / 0.05
     tokens = [[r["tokens"] for r in read_metrics(tmp_path / "mc" / n)] for n in ("muon", "muonclip", "adamw")]
