@@ -16,7 +16,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "decode": ("moonlet.generate:cli_bench_decode", "engine decode tokens/s, GB/s, roofline vs HF generate (--compare hf)"),
     "prefix-cache": ("moonlet.generate:cli_bench_prefix_cache", "time to first token with vs without a prefix-cache hit"),
     "serve": ("moonlet.server_bench:cli_bench_serve", "concurrent streaming clients vs `moonlet serve`: failures, p50/p99, tokens/s"),
-    "train": ("moonlet.train_reports:cli_bench_train", "training step tokens/s and MFU vs HF transformers (--compare hf)"),
+    "train": ("moonlet.train_bench:cli_bench_train", "training step tokens/s and MFU vs HF transformers (--compare hf)"),
 }
 
 

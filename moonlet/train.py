@@ -1,7 +1,8 @@
 """One training loop for pretraining and SFT: MuonClip (moonlet.optim), aux-loss-free balancing, warmup +
 WSD / cosine schedule, gradient accumulation, data parallel, periodic eval, atomic checkpoints with exact
 resume, metrics.jsonl and a progress bar. The run directory (checkpoints, the resume check, metrics) is
-moonlet.runs; plots, the MuonClip experiment and the training benchmark live in moonlet.train_reports.
+moonlet.runs; plots and the MuonClip experiment live in moonlet.train_reports, the training benchmark in
+moonlet.train_bench.
 
 Exact resume: the data order is a pure function of (seed, sequence index), the schedule of the step, and a
 checkpoint holds fp32 weights (+ router biases), the optimizer state, the data position and every RNG

@@ -253,7 +253,7 @@ def test_sigterm_checkpoints_and_the_run_resumes(corpus, tmp_path):
 
 
 def test_bench_train_times_muonclip_and_adamw_against_hf_on_the_same_config():
-    from moonlet.train_reports import bench_train
+    from moonlet.train_bench import bench_train
 
     out = bench_train("tiny", batch=2, seq_len=16, steps=1, warmup=1, compare_hf=True)
     assert set(out["moonlet"]) == {"muon", "adamw"} and out["hf"]["amp"]["optimizer"] == "adamw"
@@ -267,7 +267,7 @@ def test_bench_train_times_muonclip_and_adamw_against_hf_on_the_same_config():
 
 
 def test_bench_train_rejects_an_unknown_optimizer_before_building_anything(capsys):
-    from moonlet.train_reports import cli_bench_train
+    from moonlet.train_bench import cli_bench_train
 
     with pytest.raises(SystemExit) as e:
         cli_bench_train(["--preset", "tiny", "--optimizer", "muon,sgd"])
