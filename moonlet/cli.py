@@ -31,15 +31,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # argparse types for the subcommands' numeric options
 
 
-def at_least(lo: int):
-    """argparse type: an int >= lo (bad values are usage errors that name the option)."""
+def at_least(lo: int, hi: int | None = None):
+    """argparse type: an int >= lo (and <= hi if given); bad values are usage errors that name the option."""
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}" if v < lo else f"must be <= {hi}, got {v}")
         return v
     return parse
 

@@ -446,7 +446,11 @@ def make_server(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
                         compile=compile or None)
         limit = engine.max_seq_len
     engine.start()
-    return Server((host, port), engine, tokenizer, name, limit, api_key, default_max_tokens)
+    try:
+        return Server((host, port), engine, tokenizer, name, limit, api_key, default_max_tokens)
+    except OSError as e:  # port taken, address not ours: stop the engine thread, say which address
+        engine.stop()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
 
 
 def cli_serve(argv: list[str]) -> int:
@@ -459,7 +463,7 @@ def cli_serve(argv: list[str]) -> int:
         "engine with continuous batching."))
     p.add_argument("--model", required=True, help="checkpoint directory, or a preset name (random weights)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; the URL is printed)")
+    p.add_argument("--port", type=at_least(0, 65535), default=8000, help="port (0 picks a free one; the URL is printed)")
     p.add_argument("--api-key", default=os.environ.get("MOONLET_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOONLET_API_KEY, else open)")
     p.add_argument("--served-model-name", help="the model id clients send (default: preset or directory name)")

@@ -119,3 +119,21 @@ def test_info_memory_reports_the_cache_tokens_that_fit_and_one_sequences_limit(c
         with pytest.raises(SystemExit):
             main(["info", "tiny", *bad])
     assert "is not a size" in capsys.readouterr().err
+
+
+def test_serve_on_a_taken_port_says_so_and_exits_cleanly():
+    """A port in use is the common mistake: one line naming the address, exit 1, and the engine thread
+    stopped (before, the interpreter aborted with "terminate called without an active exception")."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "moonlet.cli", "serve", "--model", "tiny", "--port", str(port)],
+                           capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.strip() == f"moonlet serve: cannot listen on 127.0.0.1:{port}: Address already in use"
+    bad = subprocess.run([sys.executable, "-m", "moonlet.cli", "serve", "--model", "tiny", "--port", "70000"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "argument --port: must be <= 65535, got 70000" in bad.stderr
