@@ -1,6 +1,6 @@
 """The web chat page at `/`, driven end to end in headless Chromium (Debian's chromium + chromium-driver,
 through selenium; no browser download). One test talks to the real tiny model (random weights: a garbage
-reply, streamed through the real engine); the other to the `--script` testing aid so that the page gets
+reply, streamed through the real engine, and exactly what the API answers to the same seeded request); the other to the `--script` testing aid so that the page gets
 reasoning, a tool call (run by the page's own calculator) and a final answer; those tokens still stream
 through the real tokenizer, parser and SSE code."""
 
@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import time
+import urllib.request
 
 import pytest
 
@@ -64,7 +65,7 @@ def browser(tmp_path):
     driver.quit()
 
 
-def open_and_send(browser, url: str, text: str, max_tokens: int | None = None) -> None:
+def open_and_send(browser, url: str, text: str, max_tokens: int | None = None, seed: int | None = None) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -73,12 +74,16 @@ def open_and_send(browser, url: str, text: str, max_tokens: int | None = None) -
     while "tiny" not in browser.find_element(By.ID, "model").text:  # the page asked /v1/models
         assert time.monotonic() < deadline, "the page did not load the model list"
         time.sleep(0.05)
-    if max_tokens is not None:
-        field = browser.find_element(By.ID, "max_tokens")
-        field.clear()
-        field.send_keys(str(max_tokens))
+    for field_id, value in (("max_tokens", max_tokens), ("seed", seed)):
+        if value is not None:
+            field = browser.find_element(By.ID, field_id)
+            field.clear()
+            field.send_keys(str(value))
     # record every change of the reply's text inside the page, from before sending (polling over webdriver is too coarse under load)
     browser.execute_script("""
+        window.__bodies = [];  // the request bodies the page sends, to replay them through the API
+        const fetch0 = window.fetch;
+        window.fetch = (u, o) => { if (o && o.body) window.__bodies.push(o.body); return fetch0(u, o); };
         window.__lengths = new Set();
         new MutationObserver(() => {
             const b = document.querySelector('.msg.assistant');
@@ -92,7 +97,7 @@ def open_and_send(browser, url: str, text: str, max_tokens: int | None = None) -
 def test_chat_page_streams_a_reply_from_the_real_model(real_server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    open_and_send(browser, real_server, "Hello, moon!", max_tokens=96)
+    open_and_send(browser, real_server, "Hello, moon!", max_tokens=96, seed=1234)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         bubble = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")
@@ -108,9 +113,22 @@ def test_chat_page_streams_a_reply_from_the_real_model(real_server, browser, tmp
     assert len(lengths) > 2, f"the reply did not stream (only {len(lengths)} distinct lengths)"
     # textContent, not .text: once an answer or a tool call follows the reasoning, its block collapses and .text
     # (only what is visible) is empty; a random model may emit </think> or a tool-call token at any step
-    parts = [bubble[0].find_element(By.CSS_SELECTOR, sel).get_attribute("textContent")
-             for sel in (".reasoning .text", ".content", ".calls")]
-    assert "".join(parts).strip(), "the reply is empty"
+    shown = {sel: bubble[0].find_element(By.CSS_SELECTOR, sel).get_attribute("textContent")
+             for sel in (".reasoning .text", ".content", ".calls")}
+    # the page shows exactly what the model produced: the same request (seeded), replayed without streaming
+    body = json.loads(browser.execute_script("return window.__bodies[0]"))
+    assert body["seed"] == 1234 and body["max_tokens"] == 96 and body["stream"] is True
+    body.update(stream=False)
+    body.pop("stream_options")
+    req = urllib.request.Request(real_server + "/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        message = json.load(r)["choices"][0]["message"]
+    assert shown[".reasoning .text"] == (message.get("reasoning_content") or "")
+    assert shown[".content"] == (message.get("content") or "")
+    calls = [c["function"]["name"] for c in message.get("tool_calls") or []]
+    assert [line.split("(")[0] for line in shown[".calls"].split("→ ")[1:]] == calls
+    assert "".join(shown.values()).strip(), "the reply is empty"
     assert (tmp_path / "real.png").stat().st_size > 1000
 
 
