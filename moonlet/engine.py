@@ -15,6 +15,7 @@ ids.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import operator
 import queue
@@ -22,6 +23,7 @@ import random
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,6 +143,18 @@ class _Specials:
     extra: dict = field(default_factory=dict)
 
 
+# Engines whose loop thread runs. A process that exits with one running (an error after start(), a
+# SystemExit) would tear torch down under the daemon thread mid-kernel and abort ("terminate called without
+# an active exception", exit 134) instead of exiting with its own status: stop them first.
+_RUNNING: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_engines() -> None:
+    for engine in list(_RUNNING):
+        engine.stop()
+
+
 class Engine:
     """Continuous-batching generation over one model. Thread-safe `submit`; drive it with `start()` (a
     background thread) or by hand with `step()`; `Request.result()` drives it itself when nothing else does."""
@@ -246,6 +260,7 @@ class Engine:
             self._stop_flag = self._stopped = False
             self._thread = threading.Thread(target=self._loop, name="moonlet-engine", daemon=True)
             self._thread.start()
+            _RUNNING.add(self)
         return self
 
     def stop(self) -> None:
@@ -253,6 +268,7 @@ class Engine:
         listeners), and submit() refuses new ones until start()."""
         self._stop_flag = self._stopped = True
         self._wake.set()
+        _RUNNING.discard(self)
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None

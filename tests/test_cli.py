@@ -137,3 +137,13 @@ def test_serve_on_a_taken_port_says_so_and_exits_cleanly():
     bad = subprocess.run([sys.executable, "-m", "moonlet.cli", "serve", "--model", "tiny", "--port", "70000"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "argument --port: must be <= 65535, got 70000" in bad.stderr
+
+
+@pytest.mark.parametrize("argv", [["agent", "hi", "--model", "tiny", "--tools", "nosuch"],
+                                  ["eval", "multihop", "--model", "tiny", "--n", "1", "--max-tokens", "40000"]])
+def test_an_error_after_the_engine_started_exits_with_its_message_not_an_abort(argv):
+    """The engine's loop thread is stopped at exit, so a usage error found once the model is loaded is still
+    exit 1 and one line (not SIGABRT from torch torn down under a running thread)."""
+    p = subprocess.run([sys.executable, "-m", "moonlet.cli", *argv], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "--tools: unknown tool 'nosuch'" in p.stderr or "--max-tokens 40000 leaves no room" in p.stderr
