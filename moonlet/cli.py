@@ -95,16 +95,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+class UsageError(ValueError):
+    """Options that parse but do not fit together, or name something that is not there, found once the command
+    has started (after a model loaded, say): one line "moonlet CMD: ..." and exit 1, as argparse would say it."""
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """The errors that mean bad input (a wrong path, config, checkpoint, tokenizer, dataset): one line on
     stderr and exit 1, no traceback (MOONLET_DEBUG=1 shows it). Anything else is a bug and keeps its traceback."""
+    # UsageError by import, not this module's global: under `python -m moonlet.cli` that is __main__'s copy, and
+    # the commands raise moonlet.cli's
     from moonlet.checkpoint import CheckpointError
+    from moonlet.cli import UsageError
     from moonlet.config import ConfigError
     from moonlet.data import DataError
     from moonlet.quant import QuantError
     from moonlet.tokenizer import TokenizerError
 
-    return (CheckpointError, ConfigError, DataError, QuantError, TokenizerError, FileNotFoundError,
+    return (UsageError, CheckpointError, ConfigError, DataError, QuantError, TokenizerError, FileNotFoundError,
             NotADirectoryError, IsADirectoryError, PermissionError)
 
 

@@ -14,7 +14,7 @@ import time
 import torch
 
 import moonlet
-from moonlet.cli import at_least
+from moonlet.cli import UsageError, at_least
 from moonlet.engine import Engine, SamplingParams
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -29,13 +29,13 @@ def _device_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
     try:
         kind = torch.device(device).type
     except RuntimeError as e:
-        raise SystemExit(f"--device {device!r}: {e}") from None
+        raise UsageError(f"--device {device!r}: {e}") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device!r}: this torch sees no CUDA device (torch {torch.__version__})")
+        raise UsageError(f"--device {device!r}: this torch sees no CUDA device (torch {torch.__version__})")
     if args.dtype is None:
         return device, default_dtype(device)
     if args.dtype not in _DTYPES:
-        raise SystemExit(f"--dtype {args.dtype!r}: choose one of {', '.join(_DTYPES)}")
+        raise UsageError(f"--dtype {args.dtype!r}: choose one of {', '.join(_DTYPES)}")
     return device, _DTYPES[args.dtype]
 
 

@@ -239,19 +239,20 @@ def test_ctrl_c_in_heavy_mode_records_every_trajectory_as_interrupted_and_resume
 
 def test_a_trace_that_holds_a_run_is_continued_only_by_resume_and_as_it_was_run(tmp_path, capsys):
     from moonlet.agent.cli import cli_agent
+    from moonlet.cli import UsageError
 
     turns, trace = tmp_path / "s.json", tmp_path / "t.jsonl"
     turns.write_text(json.dumps(script(0)))
     assert cli_agent(["q", "--scripted", str(turns), "--trace", str(trace), "--quiet"]) == 0
     size = trace.stat().st_size
-    with pytest.raises(SystemExit, match="already holds a run"):  # two runs in one trace could not be resumed
+    with pytest.raises(UsageError, match="already holds a run"):  # two runs in one trace could not be resumed
         cli_agent(["q", "--scripted", str(turns), "--trace", str(trace), "--quiet"])
-    with pytest.raises(SystemExit, match="ran --heavy 1"):
+    with pytest.raises(UsageError, match="ran --heavy 1"):
         cli_agent(["--resume", str(trace), "--heavy", "3"])
     assert trace.stat().st_size == size
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"type": "start", "messages": []}) + "\n" + json.dumps({"type": "turn", "step": 1}) + "\n")
-    with pytest.raises(SystemExit, match="not a trace moonlet can continue"):
+    with pytest.raises(UsageError, match="not a trace moonlet can continue"):
         cli_agent(["--resume", str(bad), "--scripted", str(turns)])
 
 

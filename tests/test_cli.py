@@ -88,6 +88,20 @@ def test_bad_input_is_one_line_on_stderr_and_exit_1_not_a_traceback(tmp_path, ca
     assert len(err.strip().splitlines()) == 2
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["generate", "--model", "tiny", "--prompt", "hi", "--device", "nodevice"], "moonlet generate: --device 'nodevice': "),
+    (["bench", "decode", "--model", "tiny", "--dtype", "fp8"], "moonlet bench: --dtype 'fp8': choose one of fp32,"),
+    (["agent", "hi"], "moonlet agent: give --model (local) or --base-url (an endpoint)"),
+    (["agent", "hi", "--scripted", "x.json", "--base-url", "http://127.0.0.1:9/v1"],
+     "moonlet agent: give only one of --scripted, --base-url"),
+    (["eval", "multihop", "--model", "tiny", "--sweep", "depth=1,2"], "moonlet eval: --sweep dial 'depth' unknown"),
+])
+def test_options_that_do_not_fit_together_are_one_line_naming_the_command(argv, says, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(says) and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("argv", [["--max-tokens", "0"], ["--temperature", "-1"], ["--stop="], ["--threads", "0"],
                                   ["--seed", "99999999999999999999999"], ["--seed", "-1"]])
 def test_generate_refuses_bad_options_before_loading_the_model(argv, capsys):

@@ -602,13 +602,14 @@ def test_moonlet_agent_sizes_its_limits_from_the_served_context(servers):
     """The model card's max_model_len (moonlet serve and vLLM send it) is the agent's default context, so
     its default max_tokens fits the server (K2's 256K context would ask for 16384 and get a 400)."""
     from moonlet.agent.cli import agent_parser, make_backend, resolve_limits
+    from moonlet.cli import UsageError
 
     args = agent_parser().parse_args(["hi", "--base-url", servers["real"] + "/v1", "--api-key", KEY])
     backend, ctx = make_backend(args)
     resolve_limits(args, ctx)
     assert backend.context_length == ctx == args.context_limit == MAX_LEN and args.max_tokens == MAX_LEN // 2
     down = agent_parser().parse_args(["hi", "--base-url", "http://127.0.0.1:9/v1"])  # nothing listens there
-    with pytest.raises(SystemExit, match="cannot list the served models"):
+    with pytest.raises(UsageError, match="cannot list the served models"):
         make_backend(down)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from moonlet.agent.backends import ScriptedBackend, empty_usage
 from moonlet.agent.context import token_counter
 from moonlet.agent.loop import Agent, Budget
-from moonlet.cli import at_least, number_in
+from moonlet.cli import UsageError, at_least, number_in
 
 K2_CONTEXT = 262144
 
@@ -74,12 +74,12 @@ def make_backend(args: argparse.Namespace) -> tuple[Any, int | None]:
     """(backend, default context limit: the engine's, the endpoint's model card's, else K2's) from --scripted /
     --base-url / --model."""
     if sum(x is not None for x in (args.scripted, args.base_url)) > 1:
-        raise SystemExit("moonlet: give only one of --scripted, --base-url")
+        raise UsageError("give only one of --scripted, --base-url")
     if args.scripted:
         try:
             return ScriptedBackend.from_file(args.scripted), None
         except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
-            raise SystemExit(f"moonlet: --scripted {args.scripted}: {e}") from None
+            raise UsageError(f"--scripted {args.scripted}: {e}") from None
     if args.base_url:
         from moonlet.agent.backends import OpenAIBackend
 
@@ -87,10 +87,10 @@ def make_backend(args: argparse.Namespace) -> tuple[Any, int | None]:
         try:
             backend = OpenAIBackend(args.base_url, key, args.model)
         except ConnectionError as e:
-            raise SystemExit(f"moonlet: {e}") from None
+            raise UsageError(str(e)) from None
         return backend, backend.context_length or K2_CONTEXT
     if not args.model:
-        raise SystemExit("moonlet: give --model (local) or --base-url (an endpoint)")
+        raise UsageError("give --model (local) or --base-url (an endpoint)")
     import torch
 
     import moonlet
@@ -102,7 +102,7 @@ def make_backend(args: argparse.Namespace) -> tuple[Any, int | None]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = default_dtype(device) if args.dtype is None else getattr(torch, args.dtype, None)
     if not isinstance(dtype, torch.dtype):
-        raise SystemExit(f"moonlet: --dtype {args.dtype!r} is not a torch dtype")
+        raise UsageError(f"--dtype {args.dtype!r} is not a torch dtype")
     model = moonlet.load(args.model, device=device, dtype=dtype)
     tok = load_tokenizer(args.tokenizer)
     engine = Engine(model, tok, device=device)
@@ -116,7 +116,7 @@ def resolve_limits(args: argparse.Namespace, model_ctx: int | None) -> None:
     if args.max_tokens is None:
         args.max_tokens = min(16384, args.context_limit // 2) if args.context_limit else 16384
     if args.context_limit is not None and args.max_tokens >= args.context_limit:
-        raise SystemExit(f"moonlet: --max-tokens {args.max_tokens} leaves no room for a prompt in a context of "
+        raise UsageError(f"--max-tokens {args.max_tokens} leaves no room for a prompt in a context of "
                          f"{args.context_limit} tokens (--context-limit)")
 
 
@@ -132,7 +132,7 @@ def make_tools(spec: str, docs: str | None = None) -> list:
             try:
                 obj = getattr(importlib.import_module(mod), attr)
             except (ImportError, AttributeError) as e:
-                raise SystemExit(f"moonlet: --tools {name}: {e}") from None
+                raise UsageError(f"--tools {name}: {e}") from None
             if isinstance(obj, list | tuple):
                 out += list(obj)
             else:
@@ -145,7 +145,7 @@ def make_tools(spec: str, docs: str | None = None) -> list:
             out.append(python_tool())
         elif name in ("search", "open"):
             if not docs:
-                raise SystemExit(f"moonlet: --tools {name} needs --docs DIR (a directory or a `moonlet index`)")
+                raise UsageError(f"--tools {name} needs --docs DIR (a directory or a `moonlet index`)")
             if not any(t.name == "search" for t in out):
                 from moonlet.agent.search import build_index, search_tools
 
@@ -155,10 +155,10 @@ def make_tools(spec: str, docs: str | None = None) -> list:
                     if not index.exists():
                         build_index(docs, index)
                 elif not index.exists():
-                    raise SystemExit(f"moonlet: --docs {docs}: no such directory or index")
+                    raise UsageError(f"--docs {docs}: no such directory or index")
                 out += search_tools(index)
         else:
-            raise SystemExit(f"moonlet: --tools: unknown tool {name!r}; built-ins are calculator, python, "
+            raise UsageError(f"--tools: unknown tool {name!r}; built-ins are calculator, python, "
                              "search, open; or give module:attr")
     return out
 
@@ -219,11 +219,11 @@ def cli_agent(argv: list[str]) -> int:
         try:
             records = read_trace(args.resume)
         except (OSError, ValueError) as e:
-            raise SystemExit(f"moonlet: --resume: {e}") from None
+            raise UsageError(f"--resume: {e}") from None
         stored = records[0].get("meta", {}).get("cli", {})
         explicit = explicit_args(agent_parser(), argv)
         if "heavy" in explicit and explicit["heavy"] != stored.get("heavy", 1):
-            raise SystemExit(f"moonlet: --resume: the trace ran --heavy {stored.get('heavy', 1)}; a resume "
+            raise UsageError(f"--resume: the trace ran --heavy {stored.get('heavy', 1)}; a resume "
                              "continues those trajectories (drop --heavy, or start a new run)")
         args = argparse.Namespace(**(vars(args) | stored | explicit))
         args.trace = args.resume
@@ -231,7 +231,7 @@ def cli_agent(argv: list[str]) -> int:
             for traj in sorted({r.get("traj") for r in records if r.get("type") == "start"}, key=str):
                 replay(records, traj)
         except (KeyError, TypeError, ValueError) as e:
-            raise SystemExit(f"moonlet: --resume {args.resume}: not a trace moonlet can continue ({e!r})") from None
+            raise UsageError(f"--resume {args.resume}: not a trace moonlet can continue ({e!r})") from None
     elif not args.question:
         ap.error("give a question (or --resume TRACE)")
     cli_meta = {k: v for k, v in vars(args).items() if k not in ("resume", "trace", "json", "quiet", "yes")}
@@ -241,7 +241,7 @@ def cli_agent(argv: list[str]) -> int:
     tools = make_tools(args.tools, args.docs)
     trace_path = Path(args.trace or f"runs/agent/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl")
     if not args.resume and trace_path.exists() and trace_path.stat().st_size:
-        raise SystemExit(f"moonlet: --trace {trace_path} already holds a run: continue it with --resume "
+        raise UsageError(f"--trace {trace_path} already holds a run: continue it with --resume "
                          f"{trace_path}, or give another path")
     trace = Trace(trace_path)
     printer = None if args.quiet else Printer(sys.stdout)
@@ -384,15 +384,15 @@ def parse_sweep(spec: str) -> dict[str, list[int]]:
         name, _, values = part.partition("=")
         name = name.strip()
         if name not in SWEEP_DIALS:
-            raise SystemExit(f"moonlet eval: --sweep dial {name!r} unknown; choose from {', '.join(SWEEP_DIALS)}")
+            raise UsageError(f"--sweep dial {name!r} unknown; choose from {', '.join(SWEEP_DIALS)}")
         try:
             out[name] = [int(v) for v in values.split(",") if v.strip()]
         except ValueError:
             out[name] = []
         if not out[name] or min(out[name]) < 1:
-            raise SystemExit(f"moonlet eval: --sweep {part!r}: give integers >= 1, e.g. steps=1,4,16")
+            raise UsageError(f"--sweep {part!r}: give integers >= 1, e.g. steps=1,4,16")
     if not out:
-        raise SystemExit(f"moonlet eval: --sweep {spec!r} names no dial; e.g. 'steps=1,4,16;heavy=1,2'")
+        raise UsageError(f"--sweep {spec!r} names no dial; e.g. 'steps=1,4,16;heavy=1,2'")
     return out
 
 
@@ -454,7 +454,7 @@ def cli_eval(argv: list[str]) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"runs/eval/{args.task}-{stamp}.jsonl")
     if out.exists() and out.stat().st_size:  # rows are appended as tasks finish: two runs would mix
-        raise SystemExit(f"moonlet eval: --out {out} already holds results; give another path or remove it")
+        raise UsageError(f"--out {out} already holds results; give another path or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
     common = dict(concurrency=args.concurrency, context_limit=args.context_limit,
                   temperature=args.temperature, seed=args.seed, metrics=out, progress=not args.no_progress)
