@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
@@ -18,14 +17,6 @@ from moonlet.config import PRESETS, ModelConfig
 
 INT4_GROUP = 32  # K2: symmetric int4, one bf16 scale per 32 inputs
 
-
-def config_of(name_or_dir: str) -> ModelConfig:
-    path = Path(name_or_dir)
-    if path.is_dir() or path.suffix == ".json":
-        return ModelConfig.from_hf(path)
-    if name_or_dir not in PRESETS:
-        raise ValueError(f"{name_or_dir!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
-    return ModelConfig.from_preset(name_or_dir)
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -112,7 +103,7 @@ def parse_bytes(text: str) -> int:
 
 
 def info(name_or_dir: str, context: int = 4096, memory: int | None = None) -> dict:
-    cfg = config_of(name_or_dir)
+    cfg = ModelConfig.from_spec(name_or_dir)
     counts = param_counts(cfg)
     sizes = checkpoint_bytes(cfg, counts)
     out = {

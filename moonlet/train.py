@@ -121,13 +121,6 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 3.0 * flops_per_token(cfg, seq_len)["total"]
 
 
-def model_config(spec: str) -> ModelConfig:
-    p = Path(spec)
-    if p.is_dir() or p.suffix == ".json":
-        return ModelConfig.from_hf(p)
-    return ModelConfig.from_preset(spec)
-
-
 def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
     """SUM the gradients over ranks in one flat buffer (missing grads count as zeros)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -185,7 +178,7 @@ def build_model(tc: TrainConfig, device: torch.device, resuming: Path | None = N
         model = checkpoint.load(tc.init, device=device, dtype=torch.float32)
         dense_experts(model)
     else:
-        model = checkpoint.build(model_config(tc.model), device=device, dtype=torch.float32)
+        model = checkpoint.build(ModelConfig.from_spec(tc.model), device=device, dtype=torch.float32)
         model.init_weights(seed=tc.seed)
     if tc.qat:
         try:
@@ -255,6 +248,7 @@ def evaluate(model, data, tc: TrainConfig, device, autocast) -> float:
 
 def train(tc: TrainConfig) -> dict:
     """Run (or resume) a training run in tc.out; returns a summary with the per-step losses."""
+    from moonlet import checkpoint
     from moonlet.data import PackedData
 
     rank, world = _rank_world()
@@ -273,6 +267,8 @@ def train(tc: TrainConfig) -> dict:
             print(f"moonlet train: resuming {run} at step {state['step']}{note}", file=sys.stderr)
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    if state is None:  # a wrong --model / --init says so before the data is read
+        _ = checkpoint.model_dir(tc.init) if tc.init else ModelConfig.from_spec(tc.model)
     data = PackedData(tc.data, tc.seq_len, "train", seed=tc.seed)
     torch.manual_seed(tc.seed)
     model = build_model(tc, device, ckpt)
@@ -288,8 +284,6 @@ def train(tc: TrainConfig) -> dict:
             print(f"moonlet train: no eval ({e})", file=sys.stderr)
     step, position = 0, 0
     if state is not None:
-        from moonlet import checkpoint
-
         checkpoint.load_weights(model, ckpt)
         given = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
         opt.load_state_dict(state["optimizer"])  # (that restores the saved groups' lr and weight decay too)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from moonlet import optim
 from moonlet.bench import top_kernels
-from moonlet.train import model_config, peak_flops, train_flops_per_token
+from moonlet.config import ModelConfig
+from moonlet.train import peak_flops, train_flops_per_token
 
 
 def _time_steps(step_fn, steps: int, warmup: int, device: torch.device) -> float:
@@ -97,7 +98,7 @@ def bench_train(preset: str, batch: int, seq_len: int, steps: int, warmup: int, 
     like-for-like comparison with HF. MFU counts model FLOPs only (PaLM convention), so Newton-Schulz, whose
     FLOPs are reported apart, lowers Muon's MFU: it costs the same per step whatever the batch."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = model_config(preset)
+    cfg = ModelConfig.from_spec(preset)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     gen = torch.Generator().manual_seed(0)

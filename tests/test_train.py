@@ -369,13 +369,21 @@ def test_init_from_an_int4_checkpoint_trains_dequantized_experts_and_qat_applies
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--model", "nosuchpreset"], "unknown preset 'nosuchpreset'"),
+    (["--model", "nosuchpreset"], "'nosuchpreset' is neither a checkpoint directory, a config.json nor a preset"),
     (["--model", "nosuch.json"], "nosuch.json: no such config file"),
     (["--init", "runs/nope"], "'runs/nope' is neither a checkpoint directory nor a preset"),
 ])
 def test_config_and_checkpoint_errors_are_one_line(corpus, tmp_path, capsys, args, message):
     assert cli_train(_cli(corpus, tmp_path / "r", "--steps", "1", *args)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_wrong_model_is_reported_before_the_data_is_read(tmp_path, capsys):
+    no_data = ["--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "r"), "--steps", "1"]
+    assert cli_train(["--model", "nosuchpreset", *no_data]) == 2
+    assert cli_train(["--init", str(tmp_path / "nope"), *no_data]) == 2
+    err = capsys.readouterr().err
+    assert "'nosuchpreset' is neither" in err and "nope' is neither" in err and "meta.json" not in err
 
 
 def _config(tmp_path, **changes) -> str:
