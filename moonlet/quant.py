@@ -519,7 +519,8 @@ def cli_quantize(argv: list[str]) -> int:
                     "one tensor and one output shard), so checkpoints far larger than RAM quantize too. IN_DIR may be "
                     "bf16/fp32 or DeepSeek's FP8 block format (DeepSeek-V3, Kimi K2 base / instruct), which is "
                     "dequantized first.")
-    p.add_argument("in_dir", help="HF-format checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("in_dir", help="HF-format checkpoint directory (config.json + *.safetensors), or a "
+                   "`moonlet train` run directory (its newest checkpoint)")
     p.add_argument("out_dir", help="where to write the INT4 checkpoint (created; other files of IN_DIR are copied)")
     p.add_argument("--group-size", type=int, default=GROUP_SIZE, help="input columns per scale (K2: 32)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
@@ -535,9 +536,13 @@ def cli_quantize(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.group_size <= 0 or a.group_size % 8:
         p.error(f"--group-size {a.group_size}: need a positive multiple of 8 (K2: 32)")
-    from moonlet.checkpoint import CheckpointError, load, save
+    from moonlet.checkpoint import CheckpointError, load, model_dir, save
 
     src, out = Path(a.in_dir), Path(a.out_dir)
+    if src.is_dir() and not (src / "config.json").exists() and Path(model_dir(src)) != src:
+        src = Path(model_dir(src))  # a training run: its newest complete checkpoint, as --model takes it
+        print(f"moonlet quantize: {a.in_dir} is a training run; quantizing its newest checkpoint {src}",
+              file=sys.stderr)
     if not (src / "config.json").exists():
         print(f"moonlet quantize: {src}/config.json not found: IN_DIR must be an HF-format checkpoint", file=sys.stderr)
         return 2

@@ -163,6 +163,19 @@ def test_cli_quantize_writes_a_k2_format_checkpoint(tmp_path, capsys):
     assert cli_main(["quantize", str(tmp_path / "dst"), str(tmp_path / "again")]) == 2  # already int4
 
 
+def test_cli_quantize_of_a_training_run_takes_its_newest_complete_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run" / "checkpoints"
+    for step, seed in ((5, 1), (9, 2)):
+        save(tiny_model(seed=seed), run / f"step_{step:07d}")
+        (run / f"step_{step:07d}" / "train_state.pt").write_bytes(b"")
+    assert cli_main(["quantize", str(tmp_path / "run"), str(tmp_path / "q")]) == 0
+    assert f"newest checkpoint {run / 'step_0000009'}" in capsys.readouterr().err
+    newest = tiny_model(seed=2)
+    quant.quantize_model(newest)
+    loaded = load(tmp_path / "q", dtype=torch.float32)
+    assert torch.equal(newest.moe_layers()[0].experts.up_proj_packed, loaded.moe_layers()[0].experts.up_proj_packed)
+
+
 def read_checkpoint(path) -> dict:
     return {name: t for file in sorted(path.glob("*.safetensors")) for name, t in load_file(str(file)).items()}
 
