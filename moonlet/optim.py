@@ -8,7 +8,8 @@ router balancing of DeepSeek-V3 / K2 (K2_SPEC.md sections 1 and 3).
 - `qk_clip`: after the step, heads whose max pre-softmax logit S_h exceeded tau get their q_nope and k_nope
   rows scaled by sqrt(tau / S_h) and their q_pe rows by tau / S_h (never the shared k_pe or the v rows).
   S_h was measured before the update, so the clip maps the pre-update weights to exactly tau; the next
-  forward sees tau times that one update's logit growth (negligible at K2's lr, several % at 100x it).
+  forward sees tau times that one update's logit growth (negligible at K2's lr, ~4% at 100x it) on a new
+  batch, whose max differs by a few % more (docs/experiments/muonclip.md measures both).
 - `RouterBalancer`: sums the tokens per expert over the step's micro-batches (and ranks) and moves each
   router's correction bias by `u * sign(mean_load - load)`; `seq_aux_loss` is the optional tiny aux loss.
 
