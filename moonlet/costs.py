@@ -119,6 +119,7 @@ def info(name_or_dir: str, context: int = 4096, memory: int | None = None) -> di
         "flops_context": context,
         "softmax_scale": cfg.softmax_scale,
         "layers": {"total": cfg.num_hidden_layers, "moe": cfg.n_moe_layers},
+        "max_position_embeddings": cfg.max_position_embeddings,  # with any YaRN extension (K2: 4096 x 64)
     }
     if memory is not None:
         out["memory_bytes"] = memory
@@ -163,12 +164,14 @@ def cli_info(argv: list[str]) -> int:
         f"parameters total           {_human(report['params_total'])}  ({report['params_total']:,})",
         f"parameters active/token    {_human(report['params_active'])}  ({report['params_active']:,})",
         f"layers (MoE)               {report['layers']['total']} ({report['layers']['moe']})",
+        f"context (max positions)    {report['max_position_embeddings']:,} tokens",
         f"checkpoint bf16            {_human(report['checkpoint_bytes_bf16'], 'B')}",
         f"checkpoint INT4 experts    {_human(report['checkpoint_bytes_int4_experts'], 'B')}",
         f"latent KV bytes/token      {report['kv_bytes_per_token_bf16']:,} (bf16; per-head K/V would be "
         f"{report['kv_bytes_per_token_expanded_bf16']:,})",
         f"forward FLOPs/token        {_human(fl['total'])} (matmul {_human(fl['matmul'])} + attention "
-        f"{_human(fl['attention'])} at context {report['flops_context']})",
+        f"{_human(fl['attention'])} at context {report['flops_context']:,}"
+        + (", beyond the model's context)" if report["flops_context"] > report["max_position_embeddings"] else ")"),
         f"softmax scale              {report['softmax_scale']:.6f}",
     ]
     if "context_tokens_that_fit" in report:

@@ -77,6 +77,15 @@ def test_info_json_for_kimi_k2_from_the_console_script():
     assert 32e9 < report["params_active"] < 33e9
     assert report["kv_bytes_per_token_bf16"] == 70272
     assert round(report["checkpoint_bytes_int4_experts"] / 1e9) == 594
+    assert report["max_position_embeddings"] == 262144  # 4096 x YaRN factor 64
+
+
+def test_info_says_when_the_flops_context_is_beyond_the_models(capsys):
+    assert main(["info", "moonlight-16b-a3b", "--context", "300000"]) == 0
+    assert "at context 300,000, beyond the model's context" in capsys.readouterr().out
+    assert main(["info", "moonlight-16b-a3b", "--context", "8192"]) == 0
+    out = capsys.readouterr().out
+    assert "context (max positions)    8,192 tokens" in out and "beyond" not in out
 
 
 def test_bad_input_is_one_line_on_stderr_and_exit_1_not_a_traceback(tmp_path, capsys):
