@@ -152,6 +152,14 @@ def model_dir(path_or_preset: str | Path) -> str:
     return str(ckpt) if ckpt is not None else name
 
 
+def model_config(path_or_preset: str | Path) -> ModelConfig:
+    """The config of what --model names (see model_dir), or of a config.json file, without reading weights."""
+    if Path(path_or_preset).suffix == ".json" and not Path(path_or_preset).is_dir():
+        return ModelConfig.from_hf(path_or_preset)
+    name = model_dir(path_or_preset)
+    return ModelConfig.from_hf(name) if Path(name).is_dir() else ModelConfig.from_preset(name)
+
+
 def load(path_or_preset: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          seed: int = 0) -> Transformer:
     """A model from an HF-format directory (or a training run's newest checkpoint), or a preset name with

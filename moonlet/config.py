@@ -181,17 +181,6 @@ class ModelConfig:
             raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return copy.deepcopy(PRESETS[name])
 
-    @classmethod
-    def from_spec(cls, spec: str | Path) -> ModelConfig:
-        """What --model names without loading weights: a preset, a config.json, or a checkpoint directory."""
-        path = Path(spec)
-        if path.is_dir() or path.suffix == ".json":
-            return cls.from_hf(path)
-        if str(spec) not in PRESETS:
-            raise ConfigError(f"{str(spec)!r} is neither a checkpoint directory, a config.json nor a preset "
-                              f"({', '.join(PRESETS)})")
-        return cls.from_preset(str(spec))
-
     def with_(self, **changes: Any) -> ModelConfig:
         """A validated copy with some fields changed."""
         return replace(self, **changes)

@@ -12,7 +12,8 @@ import json
 
 import torch
 
-from moonlet.cli import at_least
+from moonlet.checkpoint import model_config
+from moonlet.cli import at_least, user_errors
 from moonlet.config import PRESETS, ModelConfig
 
 INT4_GROUP = 32  # K2: symmetric int4, one bf16 scale per 32 inputs
@@ -103,7 +104,7 @@ def parse_bytes(text: str) -> int:
 
 
 def info(name_or_dir: str, context: int = 4096, memory: int | None = None) -> dict:
-    cfg = ModelConfig.from_spec(name_or_dir)
+    cfg = model_config(name_or_dir)
     counts = param_counts(cfg)
     sizes = checkpoint_bytes(cfg, counts)
     out = {
@@ -145,7 +146,8 @@ def cli_info(argv: list[str]) -> int:
         description="Print what a model costs: total and active parameters, checkpoint size in bf16 and with "
                     "INT4 routed experts, latent KV-cache bytes per token, forward FLOPs per token. Works on the "
                     "real 1T config instantly (the model is built on the meta device).")
-    parser.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or an HF checkpoint directory")
+    parser.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), an HF checkpoint directory or config.json, "
+                        "or a training run (its newest checkpoint)")
     parser.add_argument("--context", type=at_least(1), default=4096, help="context length for attention FLOPs (4096)")
     parser.add_argument("--memory", default=None,
                         help="a memory budget such as 80GB or 141GiB: also report how many tokens of context fit")
@@ -153,12 +155,13 @@ def cli_info(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         report = info(args.model, args.context, parse_bytes(args.memory) if args.memory else None)
-    except (ValueError, FileNotFoundError) as e:
+    except (*user_errors(), ValueError) as e:  # ValueError: a --memory that is not a size
         parser.error(str(e))
     if args.json:
         print(json.dumps(report))
         return 0
     fl = report["flops_per_token_fwd"]
+    beyond = ", beyond the model's context" if report["flops_context"] > report["max_position_embeddings"] else ""
     lines = [
         f"model                      {report['model']}",
         f"parameters total           {_human(report['params_total'])}  ({report['params_total']:,})",
@@ -170,8 +173,7 @@ def cli_info(argv: list[str]) -> int:
         f"latent KV bytes/token      {report['kv_bytes_per_token_bf16']:,} (bf16; per-head K/V would be "
         f"{report['kv_bytes_per_token_expanded_bf16']:,})",
         f"forward FLOPs/token        {_human(fl['total'])} (matmul {_human(fl['matmul'])} + attention "
-        f"{_human(fl['attention'])} at context {report['flops_context']:,}"
-        + (", beyond the model's context)" if report["flops_context"] > report["max_position_embeddings"] else ")"),
+        f"{_human(fl['attention'])} at context {report['flops_context']:,}{beyond})",
         f"softmax scale              {report['softmax_scale']:.6f}",
     ]
     if "context_tokens_that_fit" in report:

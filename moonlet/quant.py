@@ -539,10 +539,10 @@ def cli_quantize(argv: list[str]) -> int:
     from moonlet.checkpoint import CheckpointError, load, model_dir, save
 
     src, out = Path(a.in_dir), Path(a.out_dir)
-    if src.is_dir() and not (src / "config.json").exists() and Path(model_dir(src)) != src:
-        src = Path(model_dir(src))  # a training run: its newest complete checkpoint, as --model takes it
-        print(f"moonlet quantize: {a.in_dir} is a training run; quantizing its newest checkpoint {src}",
-              file=sys.stderr)
+    newest = Path(model_dir(src)) if src.is_dir() else src  # a training run: its newest complete checkpoint
+    if newest != src:
+        print(f"moonlet quantize: {src} is a training run; quantizing its newest checkpoint {newest}", file=sys.stderr)
+        src = newest
     if not (src / "config.json").exists():
         print(f"moonlet quantize: {src}/config.json not found: IN_DIR must be an HF-format checkpoint", file=sys.stderr)
         return 2

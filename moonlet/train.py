@@ -178,7 +178,7 @@ def build_model(tc: TrainConfig, device: torch.device, resuming: Path | None = N
         model = checkpoint.load(tc.init, device=device, dtype=torch.float32)
         dense_experts(model)
     else:
-        model = checkpoint.build(ModelConfig.from_spec(tc.model), device=device, dtype=torch.float32)
+        model = checkpoint.build(checkpoint.model_config(tc.model), device=device, dtype=torch.float32)
         model.init_weights(seed=tc.seed)
     if tc.qat:
         try:
@@ -268,7 +268,7 @@ def train(tc: TrainConfig) -> dict:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     if state is None:  # a wrong --model / --init says so before the data is read
-        _ = checkpoint.model_dir(tc.init) if tc.init else ModelConfig.from_spec(tc.model)
+        checkpoint.model_config(tc.init or tc.model)
     data = PackedData(tc.data, tc.seq_len, "train", seed=tc.seed)
     torch.manual_seed(tc.seed)
     model = build_model(tc, device, ckpt)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from moonlet import optim
 from moonlet.bench import top_kernels
-from moonlet.config import ModelConfig
+from moonlet.checkpoint import model_config
 from moonlet.train import peak_flops, train_flops_per_token
 
 
@@ -98,7 +98,7 @@ def bench_train(preset: str, batch: int, seq_len: int, steps: int, warmup: int, 
     like-for-like comparison with HF. MFU counts model FLOPs only (PaLM convention), so Newton-Schulz, whose
     FLOPs are reported apart, lowers Muon's MFU: it costs the same per step whatever the batch."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = ModelConfig.from_spec(preset)
+    cfg = model_config(preset)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     gen = torch.Generator().manual_seed(0)

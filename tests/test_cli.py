@@ -51,6 +51,9 @@ def test_a_training_run_directory_means_its_newest_complete_checkpoint(tmp_path,
     newest = str(run / "checkpoints" / "step_0000010")
     assert model_dir(run) == model_dir(run / "checkpoints") == newest and model_dir("tiny") == "tiny"
     assert main(["generate", "--model", str(run), "--prompt", "hi", "--max-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(run), "--json"]) == 0  # the newest checkpoint's config
+    assert json.loads(capsys.readouterr().out)["params_total"] == sum(p.numel() for p in model.parameters())
     weights = run / "checkpoints" / "step_0000010" / "model.safetensors"
     assert os.stat(weights).st_mode & 0o044 == 0o044 & ~os.umask(os.umask(0))  # readable as umask allows
     assert main(["serve", "--model", str(tmp_path / "nope")]) == 1

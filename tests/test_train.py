@@ -369,7 +369,7 @@ def test_init_from_an_int4_checkpoint_trains_dequantized_experts_and_qat_applies
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--model", "nosuchpreset"], "'nosuchpreset' is neither a checkpoint directory, a config.json nor a preset"),
+    (["--model", "nosuchpreset"], "'nosuchpreset' is neither a checkpoint directory nor a preset"),
     (["--model", "nosuch.json"], "nosuch.json: no such config file"),
     (["--init", "runs/nope"], "'runs/nope' is neither a checkpoint directory nor a preset"),
 ])

@@ -1,8 +1,8 @@
 """The web chat page at `/`, driven end to end in headless Chromium (Debian's chromium + chromium-driver,
 through selenium; no browser download). One test talks to the real tiny model (random weights: a garbage
-reply, streamed through the real engine, and exactly what the API answers to the same seeded request); the other to the `--script` testing aid so that the page gets
-reasoning, a tool call (run by the page's own calculator) and a final answer; those tokens still stream
-through the real tokenizer, parser and SSE code."""
+reply, streamed through the real engine, and exactly what the API answers to the same seeded request); the
+other to the `--script` testing aid so that the page gets reasoning, a tool call (run by the page's own
+calculator) and a final answer; those tokens still stream through the real tokenizer, parser and SSE code."""
 
 from __future__ import annotations
 
