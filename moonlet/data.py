@@ -218,6 +218,9 @@ class PackedData:
 def text_files(source: str | Path) -> list[Path]:
     """Every text file under a directory (sorted), or the one file given."""
     p = Path(source)
+    if p.is_file() and p.suffix == ".jsonl":  # its JSON syntax would be trained on as if it were prose
+        raise DataError(f"{p} is a JSONL file: for SFT conversations give --kind sft; a text corpus is a "
+                        "directory of .txt/.rst/.md files or one text file")
     if p.is_file():
         return [p]
     if not p.is_dir():

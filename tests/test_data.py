@@ -159,6 +159,8 @@ def test_bad_sft_lines_are_reported_with_file_and_line(tmp_path):
             data.prepare(path, tmp_path / "out", kind="sft")
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(CONVERSATION).encode() + b"\n")  # a byte-order mark is fine
     assert data.prepare(path, tmp_path / "bom", kind="sft")["splits"]["train"]["tokens"] > 0
+    with pytest.raises(data.DataError, match=r"bad.jsonl is a JSONL file: for SFT conversations give --kind sft"):
+        data.prepare(path, tmp_path / "as-text")  # kind="text", the default, would train on the JSON syntax
 
 
 def test_cli_data_prepare_prints_a_json_summary(corpus, tmp_path, capsys):
