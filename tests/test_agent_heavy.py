@@ -169,3 +169,19 @@ def test_the_local_backend_streams_text_as_the_engine_generates_it(local):
     assert t.finish_reason == "stop" or (len(pieces) > 1 and t.usage["completion_tokens"] == 12)
     assert "".join(p.get("reasoning_content", "") for p in pieces) == t.reasoning_content
     assert "".join(p.get("content", "") for p in pieces) == t.content
+
+
+def test_trace_show_json_gives_the_aggregate_and_every_trajectory(tmp_path, capsys):
+    from moonlet.agent.trace import cli_trace
+
+    path = tmp_path / "t.jsonl"
+    be = ScriptedBackend(heavy_script())
+    with Trace(path) as tr:
+        h = run_heavy(make(be), be, "Capital of France?", 3, trace=tr)
+    assert cli_trace(["show", str(path), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["heavy"], s["finished"], s["answer"], s["method"]) == (3, True, "Paris, agreed", "aggregate")
+    assert [t["answer"] for t in s["trajectories"]] == ANSWERS[:3] and s["usage"] == h.usage
+    assert all((t["steps"], t["tool_calls"], t["finished"]) == (2, 1, True) for t in s["trajectories"])
+    assert cli_trace(["show", str(path), "--json", "--traj", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"] == ANSWERS[2]

@@ -311,3 +311,32 @@ def test_trace_show_prints_the_run_readably(tmp_path, capsys):
                   "answer after 2 steps"):
         assert piece in out, piece
     assert "\033[" not in out
+
+
+def test_trace_show_json_summarizes_the_run_and_says_when_it_did_not_finish(tmp_path, capsys):
+    from moonlet.agent.tools import calculator
+
+    path = tmp_path / "t.jsonl"
+    be = ScriptedBackend([{"reasoning_content": "two at once", "tool_calls": [
+                              {"name": "calculator", "arguments": {"expression": "6*7"}},
+                              {"name": "calculator", "arguments": {"expression": "1/0"}}]},
+                          {"reasoning_content": "got it", "content": "42"}])
+    with Trace(path) as tr:
+        res = Agent(be, [calculator], trace=tr).run("what is 6*7?")
+    assert cli_trace(["show", str(path), "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1  # only the JSON object: pipe it to jq
+    s = json.loads(out[0])
+    assert (s["finished"], s["stop_reason"], s["answer"], s["steps"]) == (True, "answer", "42", 2)
+    assert (s["tool_calls"], s["tool_errors"]) == (2, 1)  # 1/0 is an error the model sees
+    assert s["usage"] == res.usage and s["usage"]["completion_tokens"] > 0 and s["trace"] == str(path)
+    records = read_trace(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records if r["type"] != "end"))  # killed before the end
+    assert cli_trace(["show", str(path), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["finished"], s["stop_reason"], s["answer"], s["steps"], s["tool_calls"]) == (False, None, None, 2, 2)
+    assert cli_trace(["show", str(path), "--json", "--traj", "3"]) == 2
+    assert "no start record for trajectory 3" in capsys.readouterr().err
+    path.write_text(json.dumps(records[0]) + "\n" + json.dumps({"type": "turn", "step": 1}) + "\n")
+    assert cli_trace(["show", str(path), "--json"]) == 2
+    assert "a malformed record (KeyError 'message')" in capsys.readouterr().err

@@ -131,6 +131,32 @@ def replay(records: list[dict], traj: int | None = None) -> Replay:
     return rep
 
 
+def summarize(records: list[dict], traj: int | None = None) -> dict:
+    """The numbers of one run (or one heavy-mode trajectory) in a trace: `moonlet trace show --json`."""
+    rep = replay(records, traj)
+    recs = [r for r in records if r.get("traj") == traj]
+    end = rep.end or {}
+    return {"traj": traj, "finished": rep.end is not None, "stop_reason": end.get("stop_reason"),
+            "answer": end.get("answer"), "steps": rep.steps,
+            "tool_calls": sum(len(r["message"].get("tool_calls") or []) for r in recs if r["type"] == "turn"),
+            "tool_errors": sum(1 for r in recs if r["type"] == "tool" and r.get("error")),
+            "hidden_tool_outputs": len(rep.hidden), "usage": rep.usage, "cost": end.get("cost"),
+            "elapsed_s": rep.elapsed}
+
+
+def summarize_trace(records: list[dict], traj: int | None = None) -> dict:
+    """A plain run's summary; for a heavy-mode trace (unless one --traj is asked for) the aggregated answer,
+    how it was reached, and each trajectory's summary."""
+    trajs = sorted({r["traj"] for r in records if r["type"] == "start" and r.get("traj") is not None})
+    if traj is not None or not trajs:
+        return summarize(records, traj)
+    agg = next((r for r in records if r["type"] == "aggregate"), None)
+    per = [summarize(records, i) for i in trajs]
+    usage = (agg or {}).get("usage") or {k: sum(t["usage"][k] for t in per) for k in per[0]["usage"]}
+    return {"heavy": len(trajs), "finished": agg is not None, "answer": (agg or {}).get("answer"),
+            "method": (agg or {}).get("method"), "usage": usage, "trajectories": per}
+
+
 # ----------------------------------------------------------------------------------------------- printing
 
 class Printer:
@@ -217,11 +243,20 @@ def cli_trace(argv: list[str]) -> int:
     show.add_argument("--traj", type=int, default=None, help="heavy mode: only this trajectory")
     show.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
                       help="ANSI colors (default: when stdout is a terminal)")
+    show.add_argument("--json", action="store_true", help="print only a JSON summary (steps, tool calls and "
+                      "errors, tokens, cost, answer; per trajectory in heavy mode) as one object")
     args = ap.parse_args(argv)
     try:
         records = read_trace(args.trace)
+        if args.json:
+            print(json.dumps({"trace": str(args.trace), **summarize_trace(records, args.traj)}))
+            return 0
     except (OSError, ValueError) as e:
         print(f"moonlet trace: {e}", file=sys.stderr)
+        return 2
+    except (KeyError, TypeError, AttributeError) as e:  # a hand-edited or foreign record
+        print(f"moonlet trace: {args.trace}: a malformed record ({type(e).__name__} {e}); `moonlet trace show` "
+              "without --json shows the records it can read", file=sys.stderr)
         return 2
     printer = Printer(max_lines=0 if args.full else 12, color=args.color, show_reasoning=not args.no_reasoning)
     for i, r in enumerate(records, 1):
