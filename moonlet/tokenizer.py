@@ -12,7 +12,7 @@ way (Python's `regex` needs V1 mode; stdlib `re` cannot).
 The default tokenizer shipped in moonlet/assets/tokenizer (32768 ids = 32512 ranks + 256 specials, what
 the small presets use) was produced with one command:
 
-    moonlet tokenizer train --input /usr/share/doc/python3.11/html/_sources --vocab-size 32768 \\
+    moonlet tokenizer train --source /usr/share/doc/python3.11/html/_sources --vocab-size 32768 \\
         --out moonlet/assets/tokenizer
 
 on the Python 3.11 documentation reST sources (Debian package python3.11-doc, PSF licence, ~12 MB of
@@ -266,9 +266,9 @@ def _text_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
         elif p.is_file():
             files.append(p)
         else:
-            raise FileNotFoundError(f"--input {item}: no such file or directory")
+            raise FileNotFoundError(f"--source {item}: no such file or directory")
     if not files:
-        raise FileNotFoundError(f"--input {list(map(str, inputs))}: no files found")
+        raise FileNotFoundError(f"--source {list(map(str, inputs))}: no files found")
     return files
 
 
@@ -360,11 +360,12 @@ def train_bpe(inputs: Iterable[str | os.PathLike], vocab_size: int, pat_str: str
 def cli_tokenizer(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="moonlet tokenizer", description=(
         "Train a byte-level BPE tokenizer in K2's format (tiktoken.model + tokenizer_config.json), or "
-        "inspect one. The shipped default was made with: moonlet tokenizer train --input "
+        "inspect one. The shipped default was made with: moonlet tokenizer train --source "
         "/usr/share/doc/python3.11/html/_sources --vocab-size 32768 --out moonlet/assets/tokenizer"))
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="train a BPE on text files and save it in K2's format")
-    tr.add_argument("--input", nargs="+", required=True, help="text files and/or directories (read recursively)")
+    tr.add_argument("--source", "--input", dest="input", metavar="PATH", nargs="+", required=True,
+                    help="text files and/or directories, read recursively (--input is the old name)")
     tr.add_argument("--vocab-size", type=int, default=32768,
                     help="total ids: BPE ranks + 256 K2 special slots (default 32768 = 32512 + 256)")
     tr.add_argument("--out", required=True, help="output directory")
@@ -410,8 +411,9 @@ def cli_bench_tokenizer(argv: list[str]) -> int:
     the same vocabulary (converted with transformers' TikTokenConverter), with an id-parity check."""
     ap = argparse.ArgumentParser(prog="moonlet bench tokenizer", description=cli_bench_tokenizer.__doc__)
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the shipped one)")
-    ap.add_argument("--input", default="/usr/share/doc/python3.11/html/_sources",
-                    help="text file or directory to encode (default: the Python docs, else moonlet's source)")
+    ap.add_argument("--source", "--input", dest="input", metavar="PATH",
+                    default="/usr/share/doc/python3.11/html/_sources", help="text file or directory to encode "
+                    "(default: the Python docs, else moonlet's source; --input is the old name)")
     ap.add_argument("--mb", type=float, default=4.0, help="megabytes of text to use")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     args = ap.parse_args(argv)

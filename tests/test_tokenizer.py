@@ -199,7 +199,7 @@ def test_train_rejects_a_vocab_too_small_for_bytes_and_specials(tmp_path):
     (tmp_path / "a.txt").write_text(CORPUS)
     with pytest.raises(TokenizerError, match="--vocab-size 300"):
         train_bpe([tmp_path / "a.txt"], vocab_size=300)
-    with pytest.raises(FileNotFoundError, match="--input"):
+    with pytest.raises(FileNotFoundError, match="--source"):
         train_bpe([tmp_path / "nope"], vocab_size=600)
 
 
@@ -207,7 +207,7 @@ def test_cli_tokenizer_train_is_one_command(tmp_path):
     (tmp_path / "a.txt").write_text(CORPUS)
     out = tmp_path / "tok"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "moonlet.cli", "tokenizer", "train", "--input", str(tmp_path / "a.txt"),
+    r = subprocess.run([sys.executable, "-m", "moonlet.cli", "tokenizer", "train", "--source", str(tmp_path / "a.txt"),
                         "--vocab-size", "600", "--out", str(out), "--json"],
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
@@ -236,6 +236,6 @@ def test_cli_tokenizer_train_refuses_a_file_as_out_before_training(tmp_path, cap
     from moonlet.tokenizer import cli_tokenizer
 
     (tmp_path / "a.txt").write_text("some text " * 50)
-    assert cli_tokenizer(["train", "--input", str(tmp_path), "--vocab-size", "600", "--out",
+    assert cli_tokenizer(["train", "--input", str(tmp_path), "--vocab-size", "600", "--out",  # the old name works
                           str(tmp_path / "a.txt")]) == 2
     assert "is a file; give a directory" in capsys.readouterr().err
