@@ -10,7 +10,7 @@ a decode step is a plain slice, which is what a CUDA graph wants.
 Sampling (moonlet.sampling) runs on the device: temperature, top-k, top-p, then one uniform per row from the
 request's generator inverting the CDF. So a step costs one host sync: reading the B new token ids. Budgets
 (max_tokens, stop ids and strings, max_thinking_tokens forcing `</think>`) are applied on the host from those
-ids.
+ids. Requests that ask for logprobs cost a second transfer, of their (logprob, top-k) rows.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 from moonlet.costs import tokens_that_fit
 from moonlet.kvcache import Decoder, PrefixCache, prefill
 from moonlet.model import Transformer
-from moonlet.sampling import SamplingParams, sample, stop_split
+from moonlet.sampling import SamplingParams, sample, stop_split, token_logprobs
 
 __all__ = ["Engine", "Request", "SamplingParams", "sample"]
 
@@ -43,7 +43,9 @@ _ids = itertools.count()
 
 class Request:
     """One generation. The engine appends to `output_ids` (released tokens; a tail that might start a stop
-    string is held back until it cannot) and sets `finished` / `finish_reason` last."""
+    string is held back until it cannot) and sets `finished` / `finish_reason` last. With params.logprobs,
+    `output_logprobs[i]` is (logprob, [(id, logprob)] alternatives) of output_ids[i], appended first, or None
+    for a token the engine did not sample (the text before a stop string that began inside a token, re-encoded)."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams,
                  listener: Callable[[Request], None] | None = None):
@@ -65,6 +67,8 @@ class Request:
         self._pos = 0  # positions of this sequence already in the cache
         self._fed: list[int] = list(prompt_ids)  # tokens whose latents are (or will be) in the cache, in order
         self._pending: list[int] = []  # generated, not yet released (stop-string holdback)
+        self.output_logprobs: list | None = None if params.logprobs is None else []
+        self._pending_lp: list = []  # with logprobs: one entry per id of _pending
         self._cached = 0
         self._generated = 0
         self._reasoning = 0
@@ -453,7 +457,7 @@ class Engine:
                 self._check_thinking_budget(req)
             if done:
                 finished = [group[i] for i in done]
-                self._emit(finished, self._sample(logits[done], finished))
+                self._emit(finished, *self._sample(logits[done], finished))
 
     def _to_decoding(self, req: Request) -> None:
         """Move a prefilled sequence into slot _n_dec (swapping with a prefilling one if needed)."""
@@ -483,7 +487,7 @@ class Engine:
         logits = self.decoder(tokens, positions, max(r._pos for r in reqs) + 1)
         for r in reqs:
             r._pos += 1
-        self._emit(reqs, self._sample(logits, reqs))
+        self._emit(reqs, *self._sample(logits, reqs))
 
     def _finish(self, req: Request, reason: str) -> None:
         """Retire a request: keep its latents in the prefix cache (an agent's next prompt extends this one),
@@ -507,8 +511,10 @@ class Engine:
                 self._slots[last] = None
                 self._n_dec -= 1
             req._slot = -1
+        if req.output_logprobs is not None:  # first: a reader of output_ids finds their logprobs
+            req.output_logprobs.extend(req._pending_lp)
         req.output_ids.extend(req._pending)  # a stop string was already cut off by _release
-        req._pending = []
+        req._pending, req._pending_lp = [], []
         req.finish_reason = reason
         req.finished = True
         req._done.set()
@@ -532,14 +538,17 @@ class Engine:
     # --------------------------------------------------------------------------------------------------
     # sampling and budgets
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
-        """logits [B,V] fp32 -> one token id per row (one device->host transfer)."""
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list | None]:
+        """logits [B,V] fp32 -> one token id per row (one device->host transfer), and the rows' logprobs where
+        a request asks for them (a second one)."""
         ps = [r.params for r in reqs]
         if all(p.temperature == 0 for p in ps):
             out = logits.argmax(-1).tolist()
         else:
             out = sample(logits, ps, [self._generator(r) for r in reqs]).tolist()
-        return [r._force if r._force is not None else t for r, t in zip(reqs, out)]
+        out = [r._force if r._force is not None else t for r, t in zip(reqs, out)]
+        want = [p.logprobs for p in ps]
+        return out, (token_logprobs(logits, out, want) if any(k is not None for k in want) else None)
 
     def _generator(self, req: Request) -> torch.Generator | None:
         if req.params.temperature == 0:
@@ -556,10 +565,10 @@ class Engine:
         else:
             req._force = None
 
-    def _emit(self, reqs: list[Request], tokens: list[int]) -> None:
+    def _emit(self, reqs: list[Request], tokens: list[int], logprobs: list | None = None) -> None:
         sp = self.specials
         now = time.perf_counter()
-        for req, tok in zip(reqs, tokens):
+        for req, tok, lp in zip(reqs, tokens, logprobs or itertools.repeat(None)):
             if req.t_first_token is None:
                 req.t_first_token = now
             req._generated += 1
@@ -569,6 +578,8 @@ class Engine:
                 continue
             req._fed.append(tok)
             req._pending.append(tok)
+            if req.output_logprobs is not None:
+                req._pending_lp.append(lp)
             if req._in_reasoning:
                 if tok in (sp.think_end, sp.tool_section):
                     req._in_reasoning = False
@@ -588,13 +599,18 @@ class Engine:
         when a stop string appeared: the pending ids then end exactly before it (see stop_split)."""
         if req.params.stop:
             release, _, stopped = stop_split(self.tokenizer, req._pending, req.params.stop)
-            if stopped:
-                req._pending = release  # _finish releases them
+            if stopped:  # _finish releases them; re-encoded ids past the sampled ones have no logprob
+                same = next((i for i, (a, b) in enumerate(zip(release, req._pending)) if a != b),
+                            min(len(release), len(req._pending)))
+                req._pending, req._pending_lp = release, req._pending_lp[:same] + [None] * (len(release) - same)
                 return True
             n = len(release)  # the rest may still begin a stop string
         else:
             n = len(req._pending)
         if n:
+            if req.output_logprobs is not None:
+                req.output_logprobs.extend(req._pending_lp[:n])
+                req._pending_lp = req._pending_lp[n:]
             req.output_ids.extend(req._pending[:n])
             req._pending = req._pending[n:]
             req._events.put(None)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from moonlet.sampling import MAX_LOGPROBS
+
 MAX_N = 16
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -85,9 +87,14 @@ def validate(body: Any, model_name: str, max_model_len: int, default_max_tokens:
         if _number(body, key, 0, -2, 2):
             raise APIError(400, f"'{key}' is not supported by moonlet's engine; omit it or send 0", key,
                            "unsupported_parameter")
-    if body.get("logprobs") or body.get("top_logprobs") or body.get("logit_bias"):
-        key = next(k for k in ("logprobs", "top_logprobs", "logit_bias") if body.get(k))
-        raise APIError(400, f"'{key}' is not supported by moonlet serve", key, "unsupported_parameter")
+    if body.get("logit_bias"):
+        raise APIError(400, "'logit_bias' is not supported by moonlet serve", "logit_bias", "unsupported_parameter")
+    logprobs = body.get("logprobs") or False
+    if not isinstance(logprobs, bool):
+        raise APIError(400, f"'logprobs' must be a boolean, got {logprobs!r}", "logprobs")
+    top_logprobs = _number(body, "top_logprobs", 0, 0, MAX_LOGPROBS, integer=True)
+    if top_logprobs and not logprobs:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format",
@@ -119,7 +126,7 @@ def validate(body: Any, model_name: str, max_model_len: int, default_max_tokens:
         "n": _number(body, "n", 1, 1, MAX_N, integer=True),
         "max_tokens": _number(body, max_key, None, 1, max_model_len, integer=True), "max_key": max_key,
         "default_max_tokens": default_max_tokens, "max_thinking_tokens": thinking, "stop": tuple(stop),
-        "ignore_eos": ignore_eos, "stream": stream, "include_usage": bool((opts or {}).get("include_usage")),
+        "ignore_eos": ignore_eos, "logprobs": top_logprobs if logprobs else None, "stream": stream, "include_usage": bool((opts or {}).get("include_usage")),
     }
 
 
@@ -180,8 +187,9 @@ class Choice:
     def __init__(self, index: int, request, tokenizer, prefix: list[int], parallel: bool):
         from moonlet.chat import StreamParser
 
-        self.index, self.request, self.parallel = index, request, parallel
+        self.index, self.request, self.parallel, self.tokenizer = index, request, parallel, tokenizer
         self.parser = StreamParser(tokenizer)
+        self._logprobs_sent = 0  # output tokens whose logprobs are out (streaming sends them as tokens come)
         self.pending = self._filter(self.parser.feed_ids(prefix)) if prefix else []
 
     def _filter(self, deltas: list[dict]) -> list[dict]:
@@ -209,6 +217,25 @@ class Choice:
         if r == "stop" and visible and (cut is None or cut >= visible):
             return "tool_calls"  # not for a call a stop string cut off: its arguments are half a JSON object
         return r
+
+    def _token(self, token_id: int, logprob: float) -> dict:
+        try:
+            b = self.tokenizer.token_bytes(token_id)
+        except KeyError:  # an id the model has but the tokenizer does not (a padded vocabulary)
+            return {"token": f"<id {token_id}>", "logprob": logprob, "bytes": None}
+        return {"token": b.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(b)}
+
+    def logprobs_until(self, end: int) -> dict | None:
+        """OpenAI's logprobs object for the output tokens not yet reported, up to `end` (None when the request
+        did not ask). Every generated token is in it: reasoning, tool-call markers and answer alike (as vLLM
+        reports them); one the engine did not sample (text re-encoded before a stop string) is left out."""
+        lps = self.request.output_logprobs
+        if lps is None:
+            return None
+        ids, start = self.request.output_ids, self._logprobs_sent
+        self._logprobs_sent = max(start, end)
+        return {"content": [self._token(ids[i], lps[i][0]) | {"top_logprobs": [self._token(t, v) for t, v in lps[i][1]]}
+                            for i in range(start, end) if lps[i] is not None]}
 
     def message(self) -> dict:
         res = self.parser.result()

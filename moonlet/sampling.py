@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SamplingParams", "sample", "inverse_cdf"]
+__all__ = ["SamplingParams", "sample", "inverse_cdf", "token_logprobs"]
+
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
 
 @dataclass
@@ -22,6 +24,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, matched on the visible text (not special tokens); cut from the output
     max_thinking_tokens: int | None = None  # when reasoning reaches it, the engine forces </think>
     ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
+    logprobs: int | None = None  # None: off; k: each emitted token's log-probability and the k most likely ids
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field; None for top_p / top_k / stop means "off" (HTTP bodies)."""
@@ -41,6 +44,8 @@ class SamplingParams:
         need(self.max_thinking_tokens is None or self.max_thinking_tokens >= 0, "max_thinking_tokens",
              "must be >= 0 or None")
         need(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        need(self.logprobs is None or (type(self.logprobs) is int and 0 <= self.logprobs <= MAX_LOGPROBS),
+             "logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
         need(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 1 << 64), "seed",
              "must be None or an integer in [0, 2**64) (torch.Generator's range)")
 
@@ -110,3 +115,18 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch
     inner = blocks.gather(1, b[:, :, None].expand(B, 1, blk))[:, 0].cumsum(-1)  # [B, blk]
     rest = torch.minimum(target - before, inner[:, -1:])  # > 0; the clamp absorbs the two sums' rounding
     return (b * blk + torch.searchsorted(inner, rest)).clamp_max_(V - 1)[:, 0]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], ks: list[int | None]
+                   ) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """Per row of logits [B,V]: (log-probability of the emitted token, the ks[row] most likely (id, logprob)),
+    or None where ks[row] is None. From the raw logits, before temperature, top-k and top-p (vLLM's default):
+    the model's own distribution, which is what RL and evaluation code wants. A token the engine forced (the
+    thinking budget's </think>) gets the model's probability of it too. One device->host transfer."""
+    lp = logits.float().log_softmax(-1)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0]
+    k = max(k or 0 for k in ks)
+    vals, ids = lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long())
+    chosen, vals, ids = torch.cat([chosen[:, None], vals, ids.to(lp.dtype)], 1).cpu().split([1, k, k], 1)
+    return [None if kk is None else (c[0], list(zip(map(int, i[:kk]), v[:kk])))
+            for kk, c, v, i in zip(ks, chosen.tolist(), vals.tolist(), ids.tolist())]

@@ -303,7 +303,7 @@ class Handler(BaseHTTPRequestHandler):
                 seed = None if req["seed"] is None else req["seed"] + i
                 params = SamplingParams(temperature=req["temperature"], top_p=req["top_p"], top_k=req["top_k"],
                                         seed=seed, max_tokens=req["max_tokens"], stop=req["stop"],
-                                        stop_token_ids=stop_ids, ignore_eos=req["ignore_eos"],
+                                        stop_token_ids=stop_ids, ignore_eos=req["ignore_eos"], logprobs=req["logprobs"],
                                         max_thinking_tokens=None if prefix else req["max_thinking_tokens"])
                 choices.append(Choice(i, self.server.engine.submit(prompt, params, listener), self.server.tokenizer,
                                       prefix, req["parallel_tool_calls"]))
@@ -384,7 +384,8 @@ class Handler(BaseHTTPRequestHandler):
         if any(c.request.finish_reason == "cancelled" for c in choices):
             return
         out = self._header("chat.completion", "chatcmpl-" + uuid.uuid4().hex)
-        out["choices"] = [{"index": c.index, "message": c.message(), "logprobs": None,
+        out["choices"] = [{"index": c.index, "message": c.message(),
+                           "logprobs": c.logprobs_until(len(c.request.output_ids)),
                            "finish_reason": c.finish_reason()} for c in choices]
         out["usage"] = usage_of([c.request for c in choices])
         self._json(200, out)

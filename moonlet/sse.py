@@ -55,12 +55,12 @@ class Stream:
     def sse(self, obj: dict | str) -> None:
         self._event(obj.encode() if isinstance(obj, str) else json.dumps(obj).encode())
 
-    def send(self, index: int, delta: dict, finish: str | None = None) -> None:
+    def send(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> None:
         """The chunk json.dumps(head | {"choices": [{index, delta, logprobs, finish_reason}]}) writes, with the
         head's JSON built once per stream (it was a third of the writer's time per token)."""
         if self._head_json is None:
             self._head_json = json.dumps(self.head)[:-1] + ', "choices": [{"index": '
-        self._event(f'{self._head_json}{index}, "delta": {json.dumps(delta)}, "logprobs": null, '
+        self._event(f'{self._head_json}{index}, "delta": {json.dumps(delta)}, "logprobs": {json.dumps(logprobs)}, '
                     f'"finish_reason": {json.dumps(finish)}}}]}}'.encode())
 
     def advance(self, metrics: Metrics) -> None:
@@ -72,19 +72,20 @@ class Stream:
                 continue
             r = c.request
             finished = r.finished  # read before the tokens: a finished request has all of them
-            new = r.output_ids[self._read[c.index]:]
+            base = self._read[c.index]
+            new = r.output_ids[base:]
             self._read[c.index] += len(new)
             if new and self.first:
                 metrics.observe("time_to_first_token", time.monotonic() - self.t0)
                 self.first = False
-            for tok in new:
+            for end, tok in enumerate(new, base + 1):  # a token's logprob rides on the first chunk at or after it
                 for d in c.feed(tok):
-                    self.send(c.index, openai_delta(d))
+                    self.send(c.index, openai_delta(d), logprobs=c.logprobs_until(end))
             if finished:
                 self._live.discard(c.index)
                 for d in c.finish():
-                    self.send(c.index, openai_delta(d))
-                self.send(c.index, {}, c.finish_reason())
+                    self.send(c.index, openai_delta(d), logprobs=c.logprobs_until(len(r.output_ids)))
+                self.send(c.index, {}, c.finish_reason(), c.logprobs_until(len(r.output_ids)))
         if self._live:
             return
         requests = [c.request for c in self.choices]

@@ -158,6 +158,45 @@ def test_greedy_equals_hf_transformers_generate_in_fp32(tiny_hf_checkpoint):
     assert [r.output_ids for r in out] == ref
 
 
+def test_logprobs_are_hf_transformers_log_softmax_of_every_emitted_token(tiny_hf_checkpoint):
+    """Greedy and sampled requests batched with one that asks for none: each emitted token's logprob and its top
+    alternatives are the peer's own distribution at that position (raw logits, before temperature / top-k)."""
+    path, hf = tiny_hf_checkpoint()
+    model = moonlet.load(path)
+    ps = prompts(3, [12, 7, 9], seed=2, vocab=hf.config.vocab_size)
+    eng = Engine(model, max_batch_size=3, max_seq_len=64)
+    kws = [dict(temperature=0, logprobs=3), dict(temperature=0.9, top_k=20, seed=1, logprobs=0), {}]
+    reqs = [eng.submit(p, SamplingParams(max_tokens=16, ignore_eos=True, **kw)) for p, kw in zip(ps, kws)]
+    for r in reqs:
+        r.result()
+    assert reqs[2].output_logprobs is None
+    for p, r, k in zip(ps, reqs[:2], (3, 0)):
+        assert len(r.output_logprobs) == len(r.output_ids) == 16
+        with torch.no_grad():
+            ref = hf(torch.tensor([p + r.output_ids])).logits[0, len(p) - 1 : -1].log_softmax(-1)
+        for i, (tok, (lp, top)) in enumerate(zip(r.output_ids, r.output_logprobs)):
+            assert lp == pytest.approx(float(ref[i, tok]), abs=1e-4)
+            vals, ids = ref[i].topk(k) if k else (ref[i, :0], ref[i, :0].long())
+            assert [t for t, _ in top] == ids.tolist()
+            assert [v for _, v in top] == pytest.approx(vals.tolist(), abs=1e-4)
+        if k:  # greedy: the emitted token is the most likely one
+            assert all(top[0] == (tok, lp) for tok, (lp, top) in zip(r.output_ids, r.output_logprobs))
+
+
+def test_a_forced_think_end_gets_the_models_logprob_of_it(tiny, tok):
+    from moonlet.chat import render_ids
+
+    prompt, _ = render_ids([{"role": "user", "content": "What is 2+2?"}], tok, add_generation_prompt=True)
+    r = Engine(tiny, tok, max_seq_len=128).submit(
+        prompt, SamplingParams(temperature=0, max_tokens=6, max_thinking_tokens=3, logprobs=1)).result()
+    assert r.output_ids[3] == tok.think_end_id and len(r.output_logprobs) == 6
+    with torch.no_grad():
+        ref = tiny(torch.tensor([prompt + r.output_ids]))[0, len(prompt) - 1 : -1].log_softmax(-1)
+    lp, top = r.output_logprobs[3]
+    assert lp == pytest.approx(float(ref[3, tok.think_end_id]), abs=1e-4) and top[0][0] == int(ref[3].argmax())
+    assert top[0][0] != tok.think_end_id  # the budget forced it; the model would have said something else
+
+
 def test_requests_joining_mid_generation_get_the_same_tokens(tiny):
     a, b = prompts(2, [30, 11], seed=3)
     eng = Engine(tiny, max_batch_size=4, max_seq_len=128)
@@ -308,13 +347,15 @@ def test_a_stop_string_starting_inside_a_token_keeps_the_text_before_it(tiny, to
     start, k = next((s, k) for s, k in spans if text.find(text[s:s + 2]) == s and "\ufffd" not in text[:s + 2])
     eng = Engine(tiny, tok, max_seq_len=64).start()
     try:
-        req = eng.submit(p, SamplingParams(temperature=0, max_tokens=12, stop=(text[start:start + 2],)))
+        req = eng.submit(p, SamplingParams(temperature=0, max_tokens=12, stop=(text[start:start + 2],), logprobs=0))
         streamed = list(req.stream())
     finally:
         eng.stop()
     assert req.finish_reason == "stop" and streamed == req.output_ids
     assert req.output_ids[:k] == ref[:k] and tok.decode(req.output_ids) == text[:start]
     assert req.usage["completion_tokens"] == k + 1
+    lps = req.output_logprobs  # aligned with the output; the re-encoded part was never sampled: no logprob
+    assert len(lps) == len(req.output_ids) > k and None not in lps[:k] and set(lps[k:]) == {None}
 
 
 def test_stop_strings_never_match_special_tokens(tiny, tok):
@@ -475,6 +516,9 @@ def test_bad_requests_are_refused_with_a_clear_error(tiny):
     for seed in (-1, 2**64, 1.5):  # torch.Generator refuses these: caught here, not in the loop that serves all
         with pytest.raises(ValueError, match="seed"):
             eng.submit([1, 2], SamplingParams(seed=seed))
+    for k in (-1, 21, True):
+        with pytest.raises(ValueError, match=r"logprobs .*must be None or an integer in \[0, 20\]"):
+            eng.submit([1, 2], SamplingParams(logprobs=k))
     edge = eng.submit([1, 2], SamplingParams(seed=2**64 - 1, max_tokens=2)).result()
     assert edge.finish_reason in ("length", "stop")
 

@@ -225,6 +225,25 @@ def test_greedy_stream_matches_greedy_nonstream(real):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
 
 
+def test_logprobs_come_with_every_token_streamed_or_not(real):
+    """OpenAI's logprobs object: the emitted token (its text and bytes), its logprob and the top alternatives,
+    for every generated token; a stream sends each token's with the chunk that carries it (or the next)."""
+    kw = dict(model="tiny", messages=user("Say something"), max_tokens=10, temperature=0, logprobs=True,
+              top_logprobs=3, extra_body={"ignore_eos": True})
+    whole = real.chat.completions.create(**kw).choices[0]
+    lps = whole.logprobs.content
+    assert len(lps) == 10
+    for e in lps:
+        assert bytes(e.bytes).decode("utf-8", "replace") == e.token and e.logprob <= 0
+        assert len(e.top_logprobs) == 3 and (e.top_logprobs[0].token, e.top_logprobs[0].logprob) == (e.token, e.logprob)
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+    chunks = [c for c in real.chat.completions.create(**kw, stream=True) if c.choices]
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in lps]
+    plain = real.chat.completions.create(**{**kw, "logprobs": None, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+
+
 def test_repeated_prompt_reports_cached_prompt_tokens(real):
     msgs = user("The same long question about prefix caching, asked twice. " * 4)
     real.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, temperature=0)
@@ -446,7 +465,8 @@ def test_prompt_over_the_context_limit_gets_400(real):
 
 @pytest.mark.parametrize("kw", [{"temperature": 2.5}, {"top_p": 0}, {"n": 0}, {"n": 1000}, {"max_tokens": 0},
                                 {"max_tokens": "ten"}, {"stop": [""]}, {"tool_choice": "sometimes"},
-                                {"presence_penalty": 1.0}, {"messages": []},
+                                {"presence_penalty": 1.0}, {"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21},
+                                {"messages": []},
                                 {"messages": [{"role": "wizard", "content": "hi"}]},
                                 {"messages": user("hi") + [{"role": "assistant", "tool_calls": True}]}])
 def test_out_of_range_parameters_get_400_naming_the_field(real, kw):
@@ -578,6 +598,12 @@ def test_tool_choice_named_and_required_force_a_call(scripted):
     with pytest.raises(openai.BadRequestError):
         scripted.chat.completions.create(model="tiny", messages=user("x"), tools=[WEATHER_TOOL], max_tokens=5,
                                          tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_the_scripted_aid_refuses_logprobs_it_has_no_model_for(scripted):
+    with pytest.raises(openai.BadRequestError) as e:
+        scripted.chat.completions.create(model="tiny", messages=user("hi"), logprobs=True)
+    assert "no logprobs" in e.value.message
 
 
 def test_the_scripted_aid_cuts_stop_strings_as_the_engine_does(scripted):
