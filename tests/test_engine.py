@@ -682,3 +682,15 @@ def test_decode_bench_still_times_moonlet_when_the_hf_peer_fails(capsys, monkeyp
                                       "--repeats", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "no such layout" in result["hf_error"] and result["results"][0]["moonlet_tokens_per_s"] > 0
+
+
+def test_the_readmes_engine_example_runs(capsys):
+    """The README's Engine snippet, run as written (so the README stays true)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "Engine(" in b]
+    exec(compile("import moonlet\n" + block, "README.md", "exec"), {})
+    reason, usage = capsys.readouterr().out.strip().splitlines()[-1].split(" ", 1)
+    assert reason == "length" and "'completion_tokens': 32" in usage and "'reasoning_tokens': 16" in usage
