@@ -1,15 +1,19 @@
-"""The OpenAI chat-completions protocol as moonlet speaks it: request validation (4xx OpenAI error objects
-for bad input), the K2 prompt a request renders to, and the choice object that streams engine tokens through
-the K2 parser into OpenAI message / delta shapes. No HTTP here: server.py serves it.
+"""The OpenAI protocol as moonlet speaks it: request validation (4xx OpenAI error objects for bad input), the
+prompt a request becomes (the K2 template for chat, the text or ids as given for completions), and the choice
+objects that turn engine tokens into OpenAI shapes (chat: through the K2 parser into message / delta; text
+completions: plain text). No HTTP here: server.py serves it.
 """
 
 from __future__ import annotations
 
+import codecs
+import json
 from typing import Any
 
 from moonlet.sampling import MAX_LOGPROBS
 
-MAX_N = 16
+MAX_N = 16  # choices per prompt
+MAX_CHOICES = 64  # choices per request (/v1/completions takes a batch of prompts)
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -42,14 +46,49 @@ def _tool_names(tools: list[dict]) -> list[str]:
     return [t["function"]["name"] for t in tools]
 
 
-def validate(body: Any, model_name: str, max_model_len: int, default_max_tokens: int) -> dict:
-    """The request body -> the fields the server acts on; raises APIError (4xx) for anything it cannot serve."""
+def _sampling(body: Any, model_name: str, max_model_len: int) -> dict:
+    """The fields chat and text completions share: model, sampling, stop, stream, n."""
     if not isinstance(body, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(body).__name__}")
     model = body.get("model")
     if model is not None and model != model_name:
         raise APIError(404, f"The model '{model}' does not exist; this server serves '{model_name}'",
                        "model", "model_not_found")
+    for key in ("presence_penalty", "frequency_penalty"):
+        if _number(body, key, 0, -2, 2):
+            raise APIError(400, f"'{key}' is not supported by moonlet's engine; omit it or send 0", key,
+                           "unsupported_parameter")
+    if body.get("logit_bias"):
+        raise APIError(400, "'logit_bias' is not supported by moonlet serve", "logit_bias", "unsupported_parameter")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, "'stop' must be a non-empty string or a list of at most 16 of them", "stop")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise APIError(400, f"'stream' must be a boolean, got {stream!r}", "stream")
+    opts = body.get("stream_options")
+    if opts is not None and (not stream or not isinstance(opts, dict)):
+        raise APIError(400, "'stream_options' is an object and is only allowed with stream=true", "stream_options")
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: benchmarks generate exactly max_tokens
+    if not isinstance(ignore_eos, bool):
+        raise APIError(400, f"'ignore_eos' must be a boolean, got {ignore_eos!r}", "ignore_eos")
+    top_k = _number(body, "top_k", 0, -1, 1 << 30, integer=True)
+    return {
+        "temperature": float(_number(body, "temperature", 1.0, 0.0, 2.0)),
+        "top_p": float(_number(body, "top_p", 1.0, 1e-6, 1.0)),
+        "top_k": max(0, top_k), "seed": _number(body, "seed", None, 0, (1 << 63) - 1 - MAX_CHOICES, integer=True),
+        "n": _number(body, "n", 1, 1, MAX_N, integer=True),
+        "max_thinking_tokens": _number(body, "max_thinking_tokens", None, 0, max_model_len, integer=True),
+        "stop": tuple(stop), "ignore_eos": ignore_eos, "stream": stream,
+        "include_usage": bool((opts or {}).get("include_usage")),
+    }
+
+
+def validate(body: Any, model_name: str, max_model_len: int, default_max_tokens: int) -> dict:
+    """A chat-completions body -> the fields the server acts on; raises APIError (4xx) for anything it cannot
+    serve."""
+    req = _sampling(body, model_name, max_model_len)
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise APIError(400, "'messages' must be a non-empty list of message objects", "messages")
@@ -83,12 +122,6 @@ def validate(body: Any, model_name: str, max_model_len: int, default_max_tokens:
                        f"{{'type': 'function', 'function': {{'name': ...}}}}, got {choice!r}", "tool_choice")
     elif choice == "required" and not tools:
         raise APIError(400, "'tool_choice' is 'required' but no 'tools' were given", "tool_choice")
-    for key in ("presence_penalty", "frequency_penalty"):
-        if _number(body, key, 0, -2, 2):
-            raise APIError(400, f"'{key}' is not supported by moonlet's engine; omit it or send 0", key,
-                           "unsupported_parameter")
-    if body.get("logit_bias"):
-        raise APIError(400, "'logit_bias' is not supported by moonlet serve", "logit_bias", "unsupported_parameter")
     logprobs = body.get("logprobs") or False
     if not isinstance(logprobs, bool):
         raise APIError(400, f"'logprobs' must be a boolean, got {logprobs!r}", "logprobs")
@@ -99,35 +132,74 @@ def validate(body: Any, model_name: str, max_model_len: int, default_max_tokens:
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format",
                        "unsupported_parameter")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop or []
-    if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "'stop' must be a non-empty string or a list of at most 16 of them", "stop")
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise APIError(400, f"'stream' must be a boolean, got {stream!r}", "stream")
-    opts = body.get("stream_options")
-    if opts is not None and (not stream or not isinstance(opts, dict)):
-        raise APIError(400, "'stream_options' is an object and is only allowed with stream=true", "stream_options")
     parallel = body.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
         raise APIError(400, f"'parallel_tool_calls' must be a boolean, got {parallel!r}", "parallel_tool_calls")
-    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: benchmarks generate exactly max_tokens
-    if not isinstance(ignore_eos, bool):
-        raise APIError(400, f"'ignore_eos' must be a boolean, got {ignore_eos!r}", "ignore_eos")
     max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    top_k = _number(body, "top_k", 0, -1, 1 << 30, integer=True)
-    thinking = _number(body, "max_thinking_tokens", None, 0, max_model_len, integer=True)
-    return {
+    return req | {
         "messages": messages, "tools": tools, "tool_choice": choice, "parallel_tool_calls": parallel,
-        "temperature": float(_number(body, "temperature", 1.0, 0.0, 2.0)),
-        "top_p": float(_number(body, "top_p", 1.0, 1e-6, 1.0)),
-        "top_k": max(0, top_k), "seed": _number(body, "seed", None, 0, (1 << 63) - 1 - MAX_N, integer=True),
-        "n": _number(body, "n", 1, 1, MAX_N, integer=True),
         "max_tokens": _number(body, max_key, None, 1, max_model_len, integer=True), "max_key": max_key,
-        "default_max_tokens": default_max_tokens, "max_thinking_tokens": thinking, "stop": tuple(stop),
-        "ignore_eos": ignore_eos, "logprobs": top_logprobs if logprobs else None, "stream": stream, "include_usage": bool((opts or {}).get("include_usage")),
+        "default_max_tokens": default_max_tokens, "logprobs": top_logprobs if logprobs else None,
     }
+
+
+def validate_completion(body: Any, model_name: str, max_model_len: int) -> dict:
+    """A (legacy, text-in text-out) completions body -> the fields the server acts on. `prompt` is a string, a
+    list of token ids, or a batch of either; its text is read with special tokens (a raw K2 turn works)."""
+    req = _sampling(body, model_name, max_model_len)
+    prompt = body.get("prompt")
+    batch = prompt if isinstance(prompt, list) and prompt and all(isinstance(x, (str, list)) for x in prompt) \
+        else [prompt]
+    for i, x in enumerate(batch):
+        ok = (isinstance(x, str) and x) or (isinstance(x, list) and x and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in x))
+        if not ok:
+            where = "'prompt'" if len(batch) == 1 else f"prompt[{i}]"
+            raise APIError(400, f"{where} must be a non-empty string or list of token ids, got {str(x)[:80]}", "prompt")
+    if len(batch) * req["n"] > MAX_CHOICES:
+        raise APIError(400, f"{len(batch)} prompts x n={req['n']} is over {MAX_CHOICES} choices a request", "prompt")
+    if body.get("suffix"):
+        raise APIError(400, "'suffix' (insertion) is not supported: K2 has no fill-in-the-middle format", "suffix",
+                       "unsupported_parameter")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != req["n"]:
+        raise APIError(400, "'best_of' other than n is not supported (moonlet does not rank choices)", "best_of",
+                       "unsupported_parameter")
+    echo = body.get("echo") or False
+    if not isinstance(echo, bool):
+        raise APIError(400, f"'echo' must be a boolean, got {echo!r}", "echo")
+    logprobs = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    if echo and logprobs is not None:
+        raise APIError(400, "'echo' with 'logprobs' asks for the prompt's logprobs, which moonlet's engine does not "
+                       "compute; drop one of them", "echo", "unsupported_parameter")
+    return req | {"prompts": batch, "echo": echo, "logprobs": logprobs, "max_key": "max_tokens",
+                  "max_tokens": _number(body, "max_tokens", None, 1, max_model_len, integer=True)}
+
+
+def completion_prompts(req: dict, tokenizer, max_model_len: int) -> list[list[int]]:
+    """The prompts' token ids, checked against the vocabulary and the context (max_tokens defaults to 16, as
+    OpenAI's and vLLM's completions do)."""
+    prompts = []
+    for x in req["prompts"]:
+        ids = tokenizer.encode(x, allow_special=True) if isinstance(x, str) else x
+        bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"prompt token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})",
+                           "prompt", "invalid_value")
+        prompts.append(ids)
+    longest = max(len(ids) for ids in prompts)
+    room = max_model_len - longest
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens, but the prompt takes "
+                       f"{longest} tokens. Shorten the prompt.", "prompt", "context_length_exceeded")
+    if req["max_tokens"] is None:
+        req["max_tokens"] = min(room, 16)
+    elif longest + req["max_tokens"] > max_model_len:
+        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                       f"{longest + req['max_tokens']} tokens ({longest} in the prompt, {req['max_tokens']} in "
+                       f"'max_tokens'). Reduce the length of the prompt or 'max_tokens'.", "max_tokens",
+                       "context_length_exceeded")
+    return prompts
 
 
 def _n_calls(messages: list[dict]) -> int:
@@ -172,17 +244,30 @@ def build_prompt(req: dict, tokenizer, max_model_len: int) -> tuple[list[int], l
 
 
 
-def usage_of(reqs: list) -> dict:
+def usage_of(reqs: list, n: int = 1) -> dict:
+    """OpenAI's usage of a request's choices: each prompt counted once (the n choices of a prompt share it)."""
     us = [r.usage for r in reqs]
-    prompt = us[0].get("prompt_tokens", 0)
+    firsts = us[::n]
+    prompt = sum(u.get("prompt_tokens", 0) for u in firsts)
     completion = sum(u.get("completion_tokens", 0) for u in us)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": us[0].get("cached_tokens", 0)},
+            "prompt_tokens_details": {"cached_tokens": sum(u.get("cached_tokens", 0) for u in firsts)},
             "completion_tokens_details": {"reasoning_tokens": sum(u.get("reasoning_tokens", 0) for u in us)}}
 
 
+def token_text(tokenizer, token_id: int) -> tuple[str, list[int] | None]:
+    """One id's text and bytes as OpenAI reports a token (special tokens by name)."""
+    try:
+        b = tokenizer.token_bytes(token_id)
+    except KeyError:  # an id the model has but the tokenizer does not (a padded vocabulary)
+        return f"<id {token_id}>", None
+    return b.decode("utf-8", "replace"), list(b)
+
+
 class Choice:
-    """One engine request streamed through the K2 parser, with parallel_tool_calls=false applied."""
+    """One engine request of /v1/chat/completions streamed through the K2 parser, with parallel_tool_calls=false
+    applied. The SSE writer and the server use its wire-shape methods: opening, chunk, result."""
+    OBJECT, CHUNK_OBJECT, ID_PREFIX = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
     def __init__(self, index: int, request, tokenizer, prefix: list[int], parallel: bool):
         from moonlet.chat import StreamParser
@@ -219,11 +304,8 @@ class Choice:
         return r
 
     def _token(self, token_id: int, logprob: float) -> dict:
-        try:
-            b = self.tokenizer.token_bytes(token_id)
-        except KeyError:  # an id the model has but the tokenizer does not (a padded vocabulary)
-            return {"token": f"<id {token_id}>", "logprob": logprob, "bytes": None}
-        return {"token": b.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(b)}
+        text, b = token_text(self.tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": b}
 
     def logprobs_until(self, end: int) -> dict | None:
         """OpenAI's logprobs object for the output tokens not yet reported, up to `end` (None when the request
@@ -248,7 +330,81 @@ class Choice:
         return msg
 
 
+    def opening(self) -> list[dict]:
+        return [{"role": "assistant", "content": ""}, *self.pending]
+
+    def chunk(self, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
+        """The JSON of one streamed choice after its index (the SSE writer builds the rest once per stream)."""
+        return (f'"delta": {json.dumps(openai_delta(delta))}, "logprobs": {json.dumps(logprobs)}, '
+                f'"finish_reason": {json.dumps(finish)}')
+
+    def result(self) -> dict:
+        return {"index": self.index, "message": self.message(),
+                "logprobs": self.logprobs_until(len(self.request.output_ids)), "finish_reason": self.finish_reason()}
+
+
 def openai_delta(d: dict) -> dict:
     if "reasoning_content" in d:
         return {"reasoning_content": d["reasoning_content"], "reasoning": d["reasoning_content"]}
     return d
+
+
+class TextChoice:
+    """One engine request of /v1/completions: the generated tokens as plain text (special tokens by name, as the
+    model wrote them), after the echoed prompt when asked; logprobs in that endpoint's legacy shape."""
+    OBJECT = CHUNK_OBJECT = "text_completion"
+    ID_PREFIX = "cmpl-"
+
+    def __init__(self, index: int, request, tokenizer, echo: str = ""):
+        self.index, self.request, self.tokenizer = index, request, tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = echo
+        self.pending = [{"text": echo}] if echo else []
+        self._offsets: list[int] = []  # text_offset of each output token: where its text starts in self.text
+        self._logprobs_sent = 0
+
+    def _add(self, text: str) -> list[dict]:
+        self.text += text
+        return [{"text": text}] if text else []
+
+    def feed(self, token: int) -> list[dict]:
+        self._offsets.append(len(self.text))
+        try:
+            b = self.tokenizer.token_bytes(token)
+        except KeyError:
+            b = b""
+        return self._add(self._utf8.decode(b))
+
+    def finish(self) -> list[dict]:
+        return self._add(self._utf8.decode(b"", final=True))
+
+    def finish_reason(self) -> str:
+        return self.request.finish_reason or "stop"
+
+    def logprobs_until(self, end: int) -> dict | None:
+        """{tokens, token_logprobs, top_logprobs, text_offset} for the output tokens not yet reported, up to `end`
+        (fed already); None when the request did not ask."""
+        lps = self.request.output_logprobs
+        if lps is None:
+            return None
+        start, self._logprobs_sent = self._logprobs_sent, max(self._logprobs_sent, end)
+        out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for i in range(start, end):
+            if lps[i] is None:
+                continue
+            out["tokens"].append(token_text(self.tokenizer, self.request.output_ids[i])[0])
+            out["token_logprobs"].append(lps[i][0])
+            out["top_logprobs"].append({token_text(self.tokenizer, t)[0]: v for t, v in lps[i][1]})
+            out["text_offset"].append(self._offsets[i])
+        return out
+
+    def opening(self) -> list[dict]:
+        return self.pending
+
+    def chunk(self, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
+        return (f'"text": {json.dumps(delta.get("text", ""))}, "logprobs": {json.dumps(logprobs)}, '
+                f'"finish_reason": {json.dumps(finish)}')
+
+    def result(self) -> dict:
+        return {"index": self.index, "text": self.text,
+                "logprobs": self.logprobs_until(len(self.request.output_ids)), "finish_reason": self.finish_reason()}

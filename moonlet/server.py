@@ -1,10 +1,14 @@
-"""`moonlet serve`: an OpenAI-compatible chat-completions server for K2 Thinking models, plus a web chat page.
+"""`moonlet serve`: an OpenAI-compatible server for K2 Thinking models, plus a web chat page.
 
 Standard library HTTP (ThreadingHTTPServer, one thread per connection) in front of one shared Engine that
 batches every request (continuous batching). A request's path:
 
     JSON body -> validate (4xx OpenAI error objects for bad input) -> chat.render_ids (K2 template)
     -> engine.submit per choice -> token ids -> chat.StreamParser -> OpenAI message / SSE chunk deltas
+
+POST /v1/completions is the legacy text endpoint (vLLM's benchmarks and raw-prompt clients use it): the prompt
+is the model's input as given (text with special tokens, or token ids, or a batch of them) and the choice is
+the generated text, with no template and no parser.
 
 A connection's thread reads the request and answers it, except for the body of an event stream: that is
 written by one SSE writer thread for all streams (the engine tells it which requests have new tokens), so
@@ -42,7 +46,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from moonlet.openai_api import APIError, Choice, build_prompt, openai_delta, usage_of, validate
+from moonlet.openai_api import (
+    APIError,
+    Choice,
+    TextChoice,
+    build_prompt,
+    completion_prompts,
+    usage_of,
+    validate,
+    validate_completion,
+)
 from moonlet.scripted import ScriptedEngine
 from moonlet.sse import CLIENT_TIMEOUT_S, SSEWriter, Stream
 
@@ -265,21 +278,38 @@ class Handler(BaseHTTPRequestHandler):
         try:
             raw = self._read_body(required=True)
             self._auth()
-            if path != "/v1/chat/completions":
-                raise APIError(404, f"no route POST {path}; moonlet serves POST /v1/chat/completions", None,
-                               "not_found")
+            if path not in ("/v1/chat/completions", "/v1/completions"):
+                raise APIError(404, f"no route POST {path}; moonlet serves POST /v1/chat/completions and "
+                               "/v1/completions", None, "not_found")
             try:
                 body = json.loads(raw)
             except (ValueError, RecursionError) as e:  # RecursionError: nested too deep to parse
                 raise APIError(400, f"request body is not valid JSON: {e}", None, "invalid_json") from e
             s = self.server
-            req = validate(body, s.model_name, s.max_model_len, s.default_max_tokens)
-            prompt, prefix = build_prompt(req, s.tokenizer, s.max_model_len)
+            if path == "/v1/chat/completions":
+                req = validate(body, s.model_name, s.max_model_len, s.default_max_tokens)
+                prompt, prefix = build_prompt(req, s.tokenizer, s.max_model_len)
+                prompts, choose = [prompt], self._chat_choice(req, prefix)
+            else:
+                req = validate_completion(body, s.model_name, s.max_model_len)
+                prompts = completion_prompts(req, s.tokenizer, s.max_model_len)
+                choose = lambda i, r: TextChoice(i, r, s.tokenizer, s.tokenizer.decode(r.prompt_ids) * req["echo"])
         except APIError as e:
             return self._error(e)
         except Exception as e:
             return self._error(self._internal_error(e))
-        self._complete(req, prompt, prefix, t0)
+        self._complete(req, prompts, choose, t0)
+
+    def _chat_choice(self, req: dict, prefix: list[int]):
+        """The chat route's engine settings: a forced prefix (tool_choice) and, when the model may call no tool,
+        the tool section's marker as a stop token (it ends the turn)."""
+        from moonlet.chat import SECTION_BEGIN
+
+        no_tools = not req["tools"] or req["tool_choice"] == "none"
+        req["stop_token_ids"] = (self.server.tokenizer.special[SECTION_BEGIN],) if no_tools and not req["ignore_eos"] else ()
+        if prefix:
+            req["max_thinking_tokens"] = None  # a forced call carries no reasoning
+        return lambda i, r: Choice(i, r, self.server.tokenizer, prefix, req["parallel_tool_calls"])
 
     def _internal_error(self, e: Exception) -> APIError:
         """A bug, not bad input: the traceback goes to the log and the client still gets an OpenAI error
@@ -290,34 +320,30 @@ class Handler(BaseHTTPRequestHandler):
                         "server_error")
 
     # --- generation ------------------------------------------------------------------------------
-    def _submit(self, req: dict, prompt: list[int], prefix: list[int], listener) -> list[Choice]:
-        from moonlet.chat import SECTION_BEGIN
+    def _submit(self, req: dict, prompts: list[list[int]], choose, listener) -> list[Choice | TextChoice]:
+        """n engine requests per prompt; choice i = prompt * n + j, seeded seed + i."""
         from moonlet.engine import SamplingParams
 
-        choices: list[Choice] = []
-        # no tools declared, or tool_choice 'none': the model may not call one, so a tool section ends the turn
-        no_tools = not req["tools"] or req["tool_choice"] == "none"
-        stop_ids = (self.server.tokenizer.special[SECTION_BEGIN],) if no_tools and not req["ignore_eos"] else ()
+        choices: list[Choice | TextChoice] = []
         try:
-            for i in range(req["n"]):
+            for i, prompt in enumerate(p for p in prompts for _ in range(req["n"])):
                 seed = None if req["seed"] is None else req["seed"] + i
                 params = SamplingParams(temperature=req["temperature"], top_p=req["top_p"], top_k=req["top_k"],
                                         seed=seed, max_tokens=req["max_tokens"], stop=req["stop"],
-                                        stop_token_ids=stop_ids, ignore_eos=req["ignore_eos"], logprobs=req["logprobs"],
-                                        max_thinking_tokens=None if prefix else req["max_thinking_tokens"])
-                choices.append(Choice(i, self.server.engine.submit(prompt, params, listener), self.server.tokenizer,
-                                      prefix, req["parallel_tool_calls"]))
+                                        stop_token_ids=req.get("stop_token_ids", ()), ignore_eos=req["ignore_eos"],
+                                        logprobs=req["logprobs"], max_thinking_tokens=req["max_thinking_tokens"])
+                choices.append(choose(i, self.server.engine.submit(prompt, params, listener)))
         except BaseException:
             for c in choices:
                 c.request.cancel()
             raise
         return choices
 
-    def _complete(self, req: dict, prompt: list[int], prefix: list[int], t0: float) -> None:
+    def _complete(self, req: dict, prompts: list[list[int]], choose, t0: float) -> None:
         s, m = self.server, self.server.metrics
-        stream = Stream(s.writer, self.connection, req["include_usage"], t0) if req["stream"] else None
+        stream = Stream(s.writer, self.connection, req["include_usage"], t0, req["n"]) if req["stream"] else None
         try:
-            choices = self._submit(req, prompt, prefix, stream and stream.listener)
+            choices = self._submit(req, prompts, choose, stream and stream.listener)
         except (ValueError, RuntimeError) as e:  # the engine refused it (e.g. a script without a match)
             return self._error(APIError(400, f"the engine refused the request: {e}", None, "engine_refused"))
         cancel = lambda: [c.request.cancel() for c in choices]
@@ -360,7 +386,7 @@ class Handler(BaseHTTPRequestHandler):
             m.inc(f'requests_total{{status="{status}"}}')
             m.observe("request_latency", time.monotonic() - t0)
             if status == "200":
-                u = usage_of([c.request for c in choices])
+                u = usage_of([c.request for c in choices], req["n"])
                 m.inc("prompt_tokens_total", u["prompt_tokens"])
                 m.inc("cached_prompt_tokens_total", u["prompt_tokens_details"]["cached_tokens"])
                 m.inc("completion_tokens_total", u["completion_tokens"])
@@ -370,7 +396,7 @@ class Handler(BaseHTTPRequestHandler):
         return {"id": cid, "object": obj, "created": int(time.time()), "model": self.server.model_name,
                 "system_fingerprint": "moonlet"}
 
-    def _wait(self, req: dict, choices: list[Choice], t0: float) -> None:
+    def _wait(self, req: dict, choices: list[Choice | TextChoice], t0: float) -> None:
         for c in choices:
             c.request.result()
             for tok in c.request.output_ids:
@@ -383,11 +409,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(500, json.dumps(err.body()).encode())
         if any(c.request.finish_reason == "cancelled" for c in choices):
             return
-        out = self._header("chat.completion", "chatcmpl-" + uuid.uuid4().hex)
-        out["choices"] = [{"index": c.index, "message": c.message(),
-                           "logprobs": c.logprobs_until(len(c.request.output_ids)),
-                           "finish_reason": c.finish_reason()} for c in choices]
-        out["usage"] = usage_of([c.request for c in choices])
+        out = self._header(choices[0].OBJECT, choices[0].ID_PREFIX + uuid.uuid4().hex)
+        out["choices"] = [c.result() for c in choices]
+        out["usage"] = usage_of([c.request for c in choices], req["n"])
         self._json(200, out)
 
     def _stream(self, stream: Stream) -> None:
@@ -401,11 +425,11 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        stream.head = self._header("chat.completion.chunk", "chatcmpl-" + uuid.uuid4().hex)
+        first = stream.choices[0]
+        stream.head = self._header(first.CHUNK_OBJECT, first.ID_PREFIX + uuid.uuid4().hex)
         for c in stream.choices:
-            stream.send(c.index, {"role": "assistant", "content": ""})
-            for d in c.pending:
-                stream.send(c.index, openai_delta(d))
+            for d in c.opening():
+                stream.send(c.index, c.chunk(d))
         self.server.writer.hand_over(stream)
         stream.done.wait()
         self.connection.settimeout(self.timeout)
@@ -459,9 +483,9 @@ def cli_serve(argv: list[str]) -> int:
     from moonlet.generate import COMPILE_HELP
 
     p = argparse.ArgumentParser(prog="moonlet serve", description=(
-        "OpenAI-compatible chat-completions server (POST /v1/chat/completions with reasoning, tools and "
-        "streaming; GET /v1/models, /health, /metrics) and a web chat page at /. All requests share one "
-        "engine with continuous batching."))
+        "OpenAI-compatible server (POST /v1/chat/completions with reasoning, tools and streaming; POST "
+        "/v1/completions for raw text or token prompts; GET /v1/models, /health, /metrics) and a web chat page "
+        "at /. All requests share one engine with continuous batching."))
     p.add_argument("--model", required=True, help="checkpoint directory, or a preset name (random weights)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=at_least(0, 65535), default=8000, help="port (0 picks a free one; the URL is printed)")

@@ -14,7 +14,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING
 
-from moonlet.openai_api import Choice, openai_delta, usage_of
+from moonlet.openai_api import Choice, TextChoice, usage_of
 
 if TYPE_CHECKING:
     from moonlet.server import Metrics
@@ -25,9 +25,9 @@ CLIENT_TIMEOUT_S = 300  # a client that reads nothing for this long is dropped (
 class Stream:
     """One streamed response: its choices, the bytes not yet sent, and where each choice's tokens were read."""
 
-    def __init__(self, writer: SSEWriter, sock: socket.socket, include_usage: bool, t0: float):
-        self.writer, self.sock, self.include_usage, self.t0 = writer, sock, include_usage, t0
-        self.choices: list[Choice] = []
+    def __init__(self, writer: SSEWriter, sock: socket.socket, include_usage: bool, t0: float, n: int = 1):
+        self.writer, self.sock, self.include_usage, self.t0, self.n = writer, sock, include_usage, t0, n
+        self.choices: list[Choice | TextChoice] = []
         self.head: dict = {}
         self._head_json: str | None = None
         self.out = bytearray()
@@ -55,13 +55,12 @@ class Stream:
     def sse(self, obj: dict | str) -> None:
         self._event(obj.encode() if isinstance(obj, str) else json.dumps(obj).encode())
 
-    def send(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> None:
-        """The chunk json.dumps(head | {"choices": [{index, delta, logprobs, finish_reason}]}) writes, with the
-        head's JSON built once per stream (it was a third of the writer's time per token)."""
+    def send(self, index: int, choice: str) -> None:
+        """The chunk head | {"choices": [{"index": index, <choice>}]}, with the head's JSON built once per stream
+        (it was a third of the writer's time per token); `choice` is the JSON Choice.chunk wrote."""
         if self._head_json is None:
             self._head_json = json.dumps(self.head)[:-1] + ', "choices": [{"index": '
-        self._event(f'{self._head_json}{index}, "delta": {json.dumps(delta)}, "logprobs": {json.dumps(logprobs)}, '
-                    f'"finish_reason": {json.dumps(finish)}}}]}}'.encode())
+        self._event(f'{self._head_json}{index}, {choice}}}]}}'.encode())
 
     def advance(self, metrics: Metrics) -> None:
         """Parse every choice's new tokens into SSE chunks; after the last choice ends, the stream's tail."""
@@ -80,12 +79,12 @@ class Stream:
                 self.first = False
             for end, tok in enumerate(new, base + 1):  # a token's logprob rides on the first chunk at or after it
                 for d in c.feed(tok):
-                    self.send(c.index, openai_delta(d), logprobs=c.logprobs_until(end))
+                    self.send(c.index, c.chunk(d, logprobs=c.logprobs_until(end)))
             if finished:
                 self._live.discard(c.index)
                 for d in c.finish():
-                    self.send(c.index, openai_delta(d), logprobs=c.logprobs_until(len(r.output_ids)))
-                self.send(c.index, {}, c.finish_reason(), c.logprobs_until(len(r.output_ids)))
+                    self.send(c.index, c.chunk(d, logprobs=c.logprobs_until(len(r.output_ids))))
+                self.send(c.index, c.chunk({}, c.finish_reason(), c.logprobs_until(len(r.output_ids))))
         if self._live:
             return
         requests = [c.request for c in self.choices]
@@ -93,7 +92,7 @@ class Stream:
             self.sse(self.head | {"choices": [], "error": {"message": "the engine failed while generating",
                                                            "type": "server_error", "code": "engine_error"}})
         if self.include_usage:
-            self.sse(self.head | {"choices": [], "usage": usage_of(requests)})
+            self.sse(self.head | {"choices": [], "usage": usage_of(requests, self.n)})
         self.sse("[DONE]")
         if self.chunked:
             self.out += b"0\r\n\r\n"

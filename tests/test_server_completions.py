@@ -1,0 +1,98 @@
+"""`moonlet serve`'s POST /v1/completions (the legacy text endpoint vLLM's benchmarks and raw-prompt clients
+use), spoken to by the official `openai` client over real HTTP on 127.0.0.1, against the tiny preset through
+the real Engine. The chat route is the reference: the K2 prompt it renders, sent here as ids or as text, must
+give the same tokens with the same logprobs."""
+
+from __future__ import annotations
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from moonlet import chat  # noqa: E402
+from moonlet.checkpoint import model_dir  # noqa: E402
+from moonlet.server_bench import spawn_server, stop_server  # noqa: E402
+from moonlet.tokenizer import load_tokenizer  # noqa: E402
+
+MAX_LEN = 512
+GREEDY = dict(model="tiny", temperature=0, max_tokens=8, extra_body={"ignore_eos": True})
+
+
+@pytest.fixture(scope="module")
+def client():
+    proc, url = spawn_server(["--model", "tiny", "--max-model-len", str(MAX_LEN), "--max-batch-size", "8"])
+    try:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(model_dir("tiny"))
+
+
+def chat_prompt(tok, text: str) -> list[int]:
+    return chat.render_ids([{"role": "user", "content": text}], tok, add_generation_prompt=True)[0]
+
+
+def test_a_prompt_of_ids_or_of_text_runs_as_given_the_same_as_the_chat_route_renders_it(client, tok):
+    """Every generated token, markers included, in the legacy logprobs shape: tokens, their logprobs, the top
+    alternatives by token text, and where each token's text starts."""
+    msgs = [{"role": "user", "content": "Say something"}]
+    ref = client.chat.completions.create(messages=msgs, logprobs=True, top_logprobs=2, **GREEDY).choices[0]
+    ids = chat_prompt(tok, "Say something")
+    for prompt in (ids, tok.decode(ids)):  # text: special tokens written out are read as special tokens
+        r = client.completions.create(prompt=prompt, logprobs=2, **GREEDY)
+        c = r.choices[0]
+        assert r.object == "text_completion" and r.usage.prompt_tokens == len(ids)
+        assert r.usage.completion_tokens == 8 and c.finish_reason == "length"
+        assert c.logprobs.tokens == [e.token for e in ref.logprobs.content]
+        assert [round(v, 4) for v in c.logprobs.token_logprobs] == [round(e.logprob, 4) for e in ref.logprobs.content]
+        assert [list(d) for d in c.logprobs.top_logprobs] == [[t.token for t in e.top_logprobs] for e in ref.logprobs.content]
+        assert c.text == bytes(b for e in ref.logprobs.content for b in e.bytes).decode("utf-8", "replace")
+        assert c.logprobs.text_offset[0] == 0 and c.logprobs.text_offset == sorted(c.logprobs.text_offset)
+
+
+def test_echo_puts_the_prompt_first_and_a_stream_adds_up_to_the_whole(client, tok):
+    prompt = "def fibonacci(n):\n"
+    whole = client.completions.create(prompt=prompt, echo=True, **GREEDY).choices[0]
+    plain = client.completions.create(prompt=prompt, **GREEDY).choices[0]
+    assert whole.text == prompt + plain.text and plain.text
+    chunks = list(client.completions.create(prompt=prompt, echo=True, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens == len(tok.encode(prompt))
+
+
+def test_a_batch_of_prompts_gives_n_choices_each_in_prompt_order(client, tok):
+    a, b = "The capital of France", "import numpy as np"
+    one = {p: client.completions.create(prompt=p, **GREEDY).choices[0].text for p in (a, b)}
+    r = client.completions.create(prompt=[a, b], n=2, **GREEDY)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [one[a], one[a], one[b], one[b]]  # greedy: a prompt's n choices agree
+    assert r.usage.prompt_tokens == len(tok.encode(a)) + len(tok.encode(b))  # each prompt counted once
+    assert r.usage.completion_tokens == 4 * 8
+
+
+def test_stop_strings_and_max_tokens_end_a_text_completion(client):
+    full = client.completions.create(prompt="Once upon a time", model="tiny", temperature=0, max_tokens=12,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[3:6]
+    cut = client.completions.create(prompt="Once upon a time", model="tiny", temperature=0, max_tokens=12,
+                                    stop=[stop], extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full[:full.index(stop)]
+
+
+@pytest.mark.parametrize("kw, param", [
+    ({"prompt": ""}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": ["ok", 3]}, "prompt"),
+    ({"prompt": [1, 10 ** 9]}, "prompt"), ({"prompt": "word " * MAX_LEN}, "prompt"),
+    ({"prompt": "hi", "max_tokens": MAX_LEN}, "max_tokens"), ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": "hi", "suffix": "end"}, "suffix"), ({"prompt": "hi", "best_of": 3}, "best_of"),
+    ({"prompt": "hi", "logprobs": 21}, "logprobs"), ({"prompt": ["a"] * 9, "n": 8}, "prompt"),
+])
+def test_bad_completion_requests_get_400_naming_the_field(client, kw, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", **({"max_tokens": 2} | kw))
+    assert e.value.body["message"] and e.value.body["param"] == param
