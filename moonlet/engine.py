@@ -45,7 +45,9 @@ class Request:
     """One generation. The engine appends to `output_ids` (released tokens; a tail that might start a stop
     string is held back until it cannot) and sets `finished` / `finish_reason` last. With params.logprobs,
     `output_logprobs[i]` is (logprob, [(id, logprob)] alternatives) of output_ids[i], appended first, or None
-    for a token the engine did not sample (the text before a stop string that began inside a token, re-encoded)."""
+    for a token the engine did not sample (the text before a stop string that began inside a token, re-encoded).
+    With params.prompt_logprobs, `prompt_logprobs[i]` is the same for prompt_ids[i] (None for the first), complete
+    before the first output token."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams,
                  listener: Callable[[Request], None] | None = None):
@@ -69,6 +71,7 @@ class Request:
         self._pending: list[int] = []  # generated, not yet released (stop-string holdback)
         self.output_logprobs: list | None = None if params.logprobs is None else []
         self._pending_lp: list = []  # with logprobs: one entry per id of _pending
+        self.prompt_logprobs: list | None = None if params.prompt_logprobs is None else [None]
         self._cached = 0
         self._generated = 0
         self._reasoning = 0
@@ -396,6 +399,8 @@ class Engine:
         if req._looked_up:
             return
         req._looked_up = True
+        if req.prompt_logprobs is not None:  # every position's logits are needed: compute them all
+            return
         blocks = self.prefix_cache.lookup(req.prompt_ids[:-1])
         n = sum(b.shape[1] for b in blocks)
         if n:  # one copy, not one per block (128 for a 2K prefix: ~0.5 ms of a 7 ms hit on the tiny model)
@@ -445,7 +450,11 @@ class Engine:
                 group = [self._prefilling[0]]
                 self._look_up(group[0])
                 chunks = [group[0].prompt_ids[group[0]._pos : group[0]._pos + budget]]
-            logits = prefill(self.model, chunks, [r._pos for r in group], self.cache, [r._slot for r in group])
+            every = any(r.prompt_logprobs is not None for r in group)
+            logits = prefill(self.model, chunks, [r._pos for r in group], self.cache, [r._slot for r in group], every)
+            if every:
+                self._score_prompts(group, chunks, logits)
+                logits = logits[torch.arange(len(group)), torch.tensor([len(c) - 1 for c in chunks])]  # each row's last
             budget -= len(group) * max(map(len, chunks))
             for req, chunk in zip(group, chunks):  # every position first: moving one into a decode slot may
                 req._pos += len(chunk)              # swap another's cache rows
@@ -458,6 +467,16 @@ class Engine:
             if done:
                 finished = [group[i] for i in done]
                 self._emit(finished, *self._sample(logits[done], finished))
+
+    @staticmethod
+    def _score_prompts(group: list[Request], chunks: list[list[int]], logits: torch.Tensor) -> None:
+        """Append the prompt logprobs of this chunk (logits [B,T,V]: each position predicts the next prompt id;
+        the last of the prompt predicts none)."""
+        for b, (req, chunk) in enumerate(zip(group, chunks)):
+            targets = req.prompt_ids[req._pos + 1 : req._pos + len(chunk) + 1]
+            if req.prompt_logprobs is not None and targets:
+                k = req.params.prompt_logprobs
+                req.prompt_logprobs += token_logprobs(logits[b, : len(targets)], targets, [k] * len(targets))
 
     def _to_decoding(self, req: Request) -> None:
         """Move a prefilled sequence into slot _n_dec (swapping with a prefilling one if needed)."""

@@ -81,9 +81,10 @@ def _expanded_attention(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, c: t
 
 @torch.no_grad()
 def prefill(model: Transformer, tokens: list[list[int]], starts: list[int], cache: torch.Tensor,
-            slots: list[int]) -> torch.Tensor:
+            slots: list[int], every_position: bool = False) -> torch.Tensor:
     """The next prompt tokens of B sequences in one forward: row b's tokens[b] at positions starts[b].. of
-    cache slot slots[b] (cache [L, slots, S_cap, K]). Returns the fp32 logits [B,V] of each row's last token.
+    cache slot slots[b] (cache [L, slots, S_cap, K]). Returns the fp32 logits [B,V] of each row's last token,
+    or [B,T,V] of every position with every_position (prompt logprobs; padded positions are junk).
     When every row starts at 0, attention takes the expanded form (exactly the training forward, cheaper when
     every key is new); otherwise the absorbed form over what each slot holds before its tokens, so memory is
     bounded by the latent cache. Rows are right-padded to the longest: a query never sees a position after its
@@ -112,6 +113,8 @@ def prefill(model: Transformer, tokens: list[list[int]], starts: list[int], cach
             out = absorbed_attention(mla, q_nope, q_pe, keys, positions)
         x = x + mla.o_proj(out)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
+    if every_position:
+        return model.lm_head(model.norm(x)).float()
     last = x[torch.arange(B, device=dev), torch.tensor([len(t) - 1 for t in tokens], device=dev)]  # [B,D]
     return model.lm_head(model.norm(last)).float()
 

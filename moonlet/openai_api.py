@@ -169,10 +169,8 @@ def validate_completion(body: Any, model_name: str, max_model_len: int) -> dict:
     if not isinstance(echo, bool):
         raise APIError(400, f"'echo' must be a boolean, got {echo!r}", "echo")
     logprobs = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
-    if echo and logprobs is not None:
-        raise APIError(400, "'echo' with 'logprobs' asks for the prompt's logprobs, which moonlet's engine does not "
-                       "compute; drop one of them", "echo", "unsupported_parameter")
     return req | {"prompts": batch, "echo": echo, "logprobs": logprobs, "max_key": "max_tokens",
+                  "prompt_logprobs": logprobs if echo else None,  # echo + logprobs scores the prompt too
                   "max_tokens": _number(body, "max_tokens", None, 1, max_model_len, integer=True)}
 
 
@@ -355,12 +353,15 @@ class TextChoice:
     OBJECT = CHUNK_OBJECT = "text_completion"
     ID_PREFIX = "cmpl-"
 
-    def __init__(self, index: int, request, tokenizer, echo: str = ""):
+    def __init__(self, index: int, request, tokenizer, echo: bool = False):
         self.index, self.request, self.tokenizer = index, request, tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = echo
-        self.pending = [{"text": echo}] if echo else []
-        self._offsets: list[int] = []  # text_offset of each output token: where its text starts in self.text
+        self.text = ""
+        self._offsets: list[int] = []  # where each token's text starts in self.text: the echoed prompt's, then the output's
+        for t in request.prompt_ids if echo else ():
+            self.feed(t)
+        self._echoed = len(self._offsets)
+        self.pending = [{"text": self.text}] if self.text else []
         self._logprobs_sent = 0
 
     def _add(self, text: str) -> list[dict]:
@@ -383,19 +384,27 @@ class TextChoice:
 
     def logprobs_until(self, end: int) -> dict | None:
         """{tokens, token_logprobs, top_logprobs, text_offset} for the output tokens not yet reported, up to `end`
-        (fed already); None when the request did not ask."""
-        lps = self.request.output_logprobs
-        if lps is None:
+        (fed already), after the echoed prompt's the first time (its first token has none, as OpenAI reports);
+        None when the request did not ask."""
+        r = self.request
+        if r.output_logprobs is None:
             return None
-        start, self._logprobs_sent = self._logprobs_sent, max(self._logprobs_sent, end)
         out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+        def add(token: int, lp, offset: int) -> None:
+            out["tokens"].append(token_text(self.tokenizer, token)[0])
+            out["token_logprobs"].append(None if lp is None else lp[0])
+            out["top_logprobs"].append(None if lp is None else {token_text(self.tokenizer, t)[0]: v for t, v in lp[1]})
+            out["text_offset"].append(offset)
+
+        if self._echoed and r.prompt_logprobs is not None:
+            for token, lp, offset in zip(r.prompt_ids, r.prompt_logprobs, self._offsets):
+                add(token, lp, offset)
+            self._echoed, self._offsets = 0, self._offsets[self._echoed:]
+        start, self._logprobs_sent = self._logprobs_sent, max(self._logprobs_sent, end)
         for i in range(start, end):
-            if lps[i] is None:
-                continue
-            out["tokens"].append(token_text(self.tokenizer, self.request.output_ids[i])[0])
-            out["token_logprobs"].append(lps[i][0])
-            out["top_logprobs"].append({token_text(self.tokenizer, t)[0]: v for t, v in lps[i][1]})
-            out["text_offset"].append(self._offsets[i])
+            if r.output_logprobs[i] is not None:
+                add(r.output_ids[i], r.output_logprobs[i], self._offsets[i])
         return out
 
     def opening(self) -> list[dict]:

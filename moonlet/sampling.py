@@ -25,6 +25,8 @@ class SamplingParams:
     max_thinking_tokens: int | None = None  # when reasoning reaches it, the engine forces </think>
     ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
     logprobs: int | None = None  # None: off; k: each emitted token's log-probability and the k most likely ids
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (such a prompt skips the
+    # prefix cache: a cached position's logits were never computed)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field; None for top_p / top_k / stop means "off" (HTTP bodies)."""
@@ -44,8 +46,10 @@ class SamplingParams:
         need(self.max_thinking_tokens is None or self.max_thinking_tokens >= 0, "max_thinking_tokens",
              "must be >= 0 or None")
         need(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
-        need(self.logprobs is None or (type(self.logprobs) is int and 0 <= self.logprobs <= MAX_LOGPROBS),
-             "logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            need(k is None or (type(k) is int and 0 <= k <= MAX_LOGPROBS), name,
+                 f"must be None or an integer in [0, {MAX_LOGPROBS}]")
         need(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 1 << 64), "seed",
              "must be None or an integer in [0, 2**64) (torch.Generator's range)")
 

@@ -20,7 +20,7 @@ class ScriptedRequest:
     def __init__(self, ids: list[int], prompt_ids: list[int], params, stop_ids: set[int], think_end: int,
                  delay: float, listener=None, tokenizer=None):
         self.id = uuid.uuid4().hex
-        self.prompt_ids, self.output_ids, self.output_logprobs = prompt_ids, [], None
+        self.prompt_ids, self.output_ids, self.output_logprobs, self.prompt_logprobs = prompt_ids, [], None, None
         self.finished, self.finish_reason, self.ttft = False, None, None  # ttft: seconds to the first token
         self._t0 = time.perf_counter()
         self._ids, self._params, self._stop, self._think_end, self._delay = ids, params, stop_ids, think_end, delay
@@ -100,7 +100,7 @@ class ScriptedEngine:
 
     def submit(self, prompt_ids: list[int], params, listener: Callable[[ScriptedRequest], None] | None = None
                ) -> ScriptedRequest:
-        if params.logprobs is not None:
+        if params.logprobs is not None or params.prompt_logprobs is not None:
             raise ValueError("--script replays text without a model: there are no logprobs to report")
         tok = self.tokenizer
         text = tok.decode(prompt_ids)

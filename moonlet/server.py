@@ -293,7 +293,7 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 req = validate_completion(body, s.model_name, s.max_model_len)
                 prompts = completion_prompts(req, s.tokenizer, s.max_model_len)
-                choose = lambda i, r: TextChoice(i, r, s.tokenizer, s.tokenizer.decode(r.prompt_ids) * req["echo"])
+                choose = lambda i, r: TextChoice(i, r, s.tokenizer, req["echo"])
         except APIError as e:
             return self._error(e)
         except Exception as e:
@@ -331,7 +331,8 @@ class Handler(BaseHTTPRequestHandler):
                 params = SamplingParams(temperature=req["temperature"], top_p=req["top_p"], top_k=req["top_k"],
                                         seed=seed, max_tokens=req["max_tokens"], stop=req["stop"],
                                         stop_token_ids=req.get("stop_token_ids", ()), ignore_eos=req["ignore_eos"],
-                                        logprobs=req["logprobs"], max_thinking_tokens=req["max_thinking_tokens"])
+                                        logprobs=req["logprobs"], prompt_logprobs=req.get("prompt_logprobs"),
+                                        max_thinking_tokens=req["max_thinking_tokens"])
                 choices.append(choose(i, self.server.engine.submit(prompt, params, listener)))
         except BaseException:
             for c in choices:

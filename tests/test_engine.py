@@ -183,6 +183,32 @@ def test_logprobs_are_hf_transformers_log_softmax_of_every_emitted_token(tiny_hf
             assert all(top[0] == (tok, lp) for tok, (lp, top) in zip(r.output_ids, r.output_logprobs))
 
 
+def test_prompt_logprobs_are_hf_transformers_log_softmax_of_every_prompt_token(tiny_hf_checkpoint):
+    """Each prompt token after the first gets the peer's logprob of it and its top alternatives, whether the
+    prompt is prefilled in chunks, batched with others, or already in the prefix cache (which such a request
+    skips: a cached position's logits were never computed)."""
+    path, hf = tiny_hf_checkpoint()
+    model = moonlet.load(path)
+    ps = prompts(2, [21, 9], seed=3, vocab=hf.config.vocab_size)
+    eng = Engine(model, max_batch_size=4, max_seq_len=64, prefill_chunk=8, block_size=4)
+    eng.submit(ps[0], SamplingParams(max_tokens=1)).result()  # puts ps[0]'s blocks in the prefix cache
+    params = [SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=k) for k in (2, 0)]
+    reqs = [eng.submit(p, sp) for p, sp in zip(ps, params)] + [eng.submit(ps[0], SamplingParams(max_tokens=1))]
+    for r in reqs:
+        r.result()
+    assert reqs[0].usage["cached_tokens"] == 0 and reqs[2].usage["cached_tokens"] > 0
+    assert reqs[2].prompt_logprobs is None and reqs[0].output_logprobs is None
+    for p, r, k in zip(ps, reqs, (2, 0)):
+        with torch.no_grad():
+            ref = hf(torch.tensor([p])).logits[0, :-1].log_softmax(-1)
+        assert r.prompt_logprobs[0] is None and len(r.prompt_logprobs) == len(p)
+        for i, (tok, (lp, top)) in enumerate(zip(p[1:], r.prompt_logprobs[1:])):
+            assert lp == pytest.approx(float(ref[i, tok]), abs=1e-4)
+            vals, ids = ref[i].topk(k) if k else (ref[i, :0], ref[i, :0].long())
+            assert [t for t, _ in top] == ids.tolist()
+            assert [v for _, v in top] == pytest.approx(vals.tolist(), abs=1e-4)
+
+
 def test_a_forced_think_end_gets_the_models_logprob_of_it(tiny, tok):
     from moonlet.chat import render_ids
 

@@ -66,6 +66,31 @@ def test_echo_puts_the_prompt_first_and_a_stream_adds_up_to_the_whole(client, to
     assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens == len(tok.encode(prompt))
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(client, tok):
+    """lm-eval's loglikelihood request: the prompt's tokens come back first with their logprobs (none for the first
+    token), equal to the model's own log_softmax at each position, and text_offset points at each token's text."""
+    import torch
+
+    import moonlet
+
+    prompt = "def fibonacci(n):\n    return"
+    ids = tok.encode(prompt)
+    kw = dict(model="tiny", prompt=prompt, echo=True, logprobs=2, max_tokens=1, temperature=0)
+    c = client.completions.create(**kw).choices[0]
+    lp = c.logprobs
+    assert lp.tokens[: len(ids)] == [tok.decode([t]) for t in ids] and len(lp.tokens) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    with torch.no_grad():
+        ref = moonlet.load("tiny")(torch.tensor([ids]))[0, :-1].log_softmax(-1)
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx([float(ref[i, t]) for i, t in enumerate(ids[1:])], abs=1e-4)
+    assert [list(d) for d in lp.top_logprobs[1 : len(ids)]] == [[tok.decode([t]) for t in row.topk(2).indices.tolist()]
+                                                               for row in ref]
+    assert all(c.text[o:].startswith(t) for o, t in zip(lp.text_offset, lp.tokens)) and c.text.startswith(prompt)
+    streamed = [ch.choices[0].logprobs for ch in client.completions.create(stream=True, **kw) if ch.choices]
+    assert sum((s.tokens for s in streamed if s), []) == lp.tokens
+    assert sum((s.token_logprobs for s in streamed if s), []) == lp.token_logprobs
+
+
 def test_a_batch_of_prompts_gives_n_choices_each_in_prompt_order(client, tok):
     a, b = "The capital of France", "import numpy as np"
     one = {p: client.completions.create(prompt=p, **GREEDY).choices[0].text for p in (a, b)}
@@ -88,7 +113,7 @@ def test_stop_strings_and_max_tokens_end_a_text_completion(client):
 @pytest.mark.parametrize("kw, param", [
     ({"prompt": ""}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": ["ok", 3]}, "prompt"),
     ({"prompt": [1, 10 ** 9]}, "prompt"), ({"prompt": "word " * MAX_LEN}, "prompt"),
-    ({"prompt": "hi", "max_tokens": MAX_LEN}, "max_tokens"), ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": "hi", "max_tokens": MAX_LEN}, "max_tokens"), ({"prompt": "hi", "echo": 1}, "echo"),
     ({"prompt": "hi", "suffix": "end"}, "suffix"), ({"prompt": "hi", "best_of": 3}, "best_of"),
     ({"prompt": "hi", "logprobs": 21}, "logprobs"), ({"prompt": ["a"] * 9, "n": 8}, "prompt"),
 ])
