@@ -169,9 +169,14 @@ def validate_completion(body: Any, model_name: str, max_model_len: int) -> dict:
     if not isinstance(echo, bool):
         raise APIError(400, f"'echo' must be a boolean, got {echo!r}", "echo")
     logprobs = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    max_tokens = _number(body, "max_tokens", None, 0, max_model_len, integer=True)
+    if max_tokens == 0 and not echo:  # OpenAI's legacy scoring call: echo, logprobs, max_tokens 0
+        raise APIError(400, "'max_tokens' 0 generates nothing: it is for scoring the prompt, with 'echo' (and "
+                       "'logprobs')", "max_tokens", "invalid_value")
     return req | {"prompts": batch, "echo": echo, "logprobs": logprobs, "max_key": "max_tokens",
-                  "prompt_logprobs": logprobs if echo else None,  # echo + logprobs scores the prompt too
-                  "max_tokens": _number(body, "max_tokens", None, 1, max_model_len, integer=True)}
+                  # echo + logprobs scores the prompt too; max_tokens 0 is the engine's prefill-only (scoring) request
+                  "prompt_logprobs": logprobs if echo and logprobs is not None else 0 if max_tokens == 0 else None,
+                  "max_tokens": max_tokens}
 
 
 def completion_prompts(req: dict, tokenizer, max_model_len: int) -> list[list[int]]:

@@ -14,7 +14,7 @@ from moonlet.sampling import stop_split
 
 
 class ScriptedRequest:
-    """The surface of engine.Request the server uses. Its tokens come from a thread of its own, one every
+    """The surface of request.Request the server uses. Its tokens come from a thread of its own, one every
     `delay` seconds, the way the engine's come from the engine thread: output_ids grows, `listener` is told."""
 
     def __init__(self, ids: list[int], prompt_ids: list[int], params, stop_ids: set[int], think_end: int,

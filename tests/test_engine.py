@@ -207,6 +207,9 @@ def test_prompt_logprobs_are_hf_transformers_log_softmax_of_every_prompt_token(t
             vals, ids = ref[i].topk(k) if k else (ref[i, :0], ref[i, :0].long())
             assert [t for t, _ in top] == ids.tolist()
             assert [v for _, v in top] == pytest.approx(vals.tolist(), abs=1e-4)
+    only = eng.submit(ps[1], SamplingParams(max_tokens=0, prompt_logprobs=0)).result()  # prefill only: scoring
+    assert only.output_ids == [] and only.finish_reason == "length" and only.usage["completion_tokens"] == 0
+    assert [lp for lp, _ in only.prompt_logprobs[1:]] == pytest.approx([lp for lp, _ in reqs[1].prompt_logprobs[1:]])
 
 
 def test_a_forced_think_end_gets_the_models_logprob_of_it(tiny, tok):

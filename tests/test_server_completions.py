@@ -89,6 +89,11 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(client, tok):
     streamed = [ch.choices[0].logprobs for ch in client.completions.create(stream=True, **kw) if ch.choices]
     assert sum((s.tokens for s in streamed if s), []) == lp.tokens
     assert sum((s.token_logprobs for s in streamed if s), []) == lp.token_logprobs
+    only = client.completions.create(**(kw | {"max_tokens": 0}))  # score the prompt, generate nothing
+    assert only.choices[0].text == prompt and only.choices[0].logprobs.token_logprobs == lp.token_logprobs[:-1]
+    assert only.usage.completion_tokens == 0 and only.choices[0].finish_reason == "length"
+    echo_only = client.completions.create(model="tiny", prompt=prompt, echo=True, max_tokens=0).choices[0]
+    assert echo_only.text == prompt and echo_only.logprobs is None
 
 
 def test_a_batch_of_prompts_gives_n_choices_each_in_prompt_order(client, tok):
@@ -113,7 +118,7 @@ def test_stop_strings_and_max_tokens_end_a_text_completion(client):
 @pytest.mark.parametrize("kw, param", [
     ({"prompt": ""}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": ["ok", 3]}, "prompt"),
     ({"prompt": [1, 10 ** 9]}, "prompt"), ({"prompt": "word " * MAX_LEN}, "prompt"),
-    ({"prompt": "hi", "max_tokens": MAX_LEN}, "max_tokens"), ({"prompt": "hi", "echo": 1}, "echo"),
+    ({"prompt": "hi", "max_tokens": MAX_LEN}, "max_tokens"), ({"prompt": "hi", "echo": 1}, "echo"), ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "hi", "suffix": "end"}, "suffix"), ({"prompt": "hi", "best_of": 3}, "best_of"),
     ({"prompt": "hi", "logprobs": 21}, "logprobs"), ({"prompt": ["a"] * 9, "n": 8}, "prompt"),
 ])
