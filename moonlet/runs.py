@@ -37,10 +37,10 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run: Path, step: int, model, opt, tc: TrainConfig, data_position: int, keep: int,
                     tokenizer_dir: str | None = None) -> Path:
-    """Write checkpoints/step_N.tmp (HF model dir + train_state.pt + the data's tokenizer, if not moonlet's
-    default), rename it, then point `latest` at it."""
+    """Write checkpoints/step_N.tmp (HF model dir + train_state.pt + the data's tokenizer), rename it, then
+    point `latest` at it."""
     from moonlet import checkpoint
-    from moonlet.tokenizer import atomic_write
+    from moonlet.tokenizer import atomic_write, load_tokenizer
 
     root = run / "checkpoints"
     final = root / f"step_{step:07d}"
@@ -51,9 +51,8 @@ def save_checkpoint(run: Path, step: int, model, opt, tc: TrainConfig, data_posi
     if tokenizer_dir and not (Path(tokenizer_dir) / "tiktoken.model").is_file():
         print(f"moonlet train: the data's tokenizer {tokenizer_dir} is gone; this checkpoint has none (pass "
               "--tokenizer when generating from it)", file=sys.stderr)
-    for name in ("tiktoken.model", "tokenizer_config.json") if tokenizer_dir else ():
-        if (Path(tokenizer_dir) / name).is_file():
-            shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+    else:  # every checkpoint carries its tokenizer (tokenizer.json too), so vLLM / SGLang / transformers load it
+        load_tokenizer(tokenizer_dir).save(tmp)
     state = {"step": step, "data_position": data_position, "optimizer": opt.state_dict(), "rng": rng_state(),
              "train_config": dataclasses.asdict(tc)}
     torch.save(state, tmp / "train_state.pt")

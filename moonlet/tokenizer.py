@@ -121,7 +121,8 @@ class Tokenizer:
         return cls(ranks, special, name=path.name or "tokenizer")
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write tiktoken.model and tokenizer_config.json (named specials only), atomically per file."""
+        """Write tiktoken.model and tokenizer_config.json (named specials only), and the same BPE as an HF
+        tokenizer.json (see hf_json), atomically per file."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         lines = [f"{base64.b64encode(b).decode()} {r}\n" for b, r in sorted(self.ranks.items(), key=lambda x: x[1])]
@@ -130,8 +131,31 @@ class Tokenizer:
                           "single_word": False, "special": True}
                  for s, i in sorted(self.special.items(), key=lambda x: x[1]) if s != reserved_name(i)}
         config = {"added_tokens_decoder": named, "bos_token": "[BOS]", "eos_token": "[EOS]",
-                  "pad_token": "[PAD]", "model_max_length": 1048576, "tokenizer_class": "TikTokenTokenizer"}
+                  "pad_token": "[PAD]", "model_max_length": 1048576, "tokenizer_class": "PreTrainedTokenizerFast"}
         atomic_write(path / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write(path / "tokenizer.json", json.dumps(self.hf_json(), ensure_ascii=False) + "\n")
+
+    def hf_json(self) -> dict:
+        """This BPE in HF `tokenizers`' tokenizer.json format, so that transformers' AutoTokenizer, vLLM and SGLang
+        load a moonlet checkpoint's tokenizer without K2's remote code. tiktoken merges, at each step, the adjacent
+        pair whose concatenation has the lowest rank; an HF BPE whose merges are every split (a, b) of every token,
+        ordered by the token's rank, does the same (ignore_merges: a whole piece that is a token stays one, as
+        in tiktoken). Vocab strings use the byte-level alphabet of HF's ByteLevel pre-tokenizer."""
+        char = _bytes_to_unicode()
+        text = lambda b: "".join(char[x] for x in b)  # noqa: E731
+        merges = [f"{text(t[:i])} {text(t[i:])}" for t, _ in sorted(self.ranks.items(), key=lambda x: x[1])
+                  for i in range(1, len(t)) if t[:i] in self.ranks and t[i:] in self.ranks]
+        added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                  "special": True} for s, i in sorted(self.special.items(), key=lambda x: x[1])]
+        return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+                "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": self.pat_str}, "behavior": "Isolated", "invert": False},
+                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+                "post_processor": None,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+                "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                          "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                          "vocab": {text(t): r for t, r in self.ranks.items()}, "merges": merges}}
 
     # --- encode / decode ----------------------------------------------------------------------------
     def encode(self, text: str, allow_special: bool = False) -> list[int]:

@@ -1,10 +1,12 @@
 """moonlet.tokenizer: K2's tiktoken format, special-token layout, BPE training, the shipped default."""
 
 import base64
+import functools
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -173,6 +175,47 @@ def test_train_bpe_saves_k2_format_and_reloads_identically(tmp_path):
     ids = tok.encode(sample)
     assert again.encode(sample) == ids and again.decode(ids) == sample
     assert len(ids) < len(sample.encode()) / 2  # merges learned from the corpus are used
+
+
+MIXED = " héllo 世界 ✓ 🤖 \n\n\t  x ١٢٣ ÄÖÜ straße 𝔘𝔫𝔦 \r\n  \u00a0 x   def f(a):\n\treturn a  # 12345678"
+
+
+@functools.cache
+def hf_twin(trained: bool):
+    """The tokenizer.json that Tokenizer.save writes, loaded by transformers' AutoTokenizer (no remote code)."""
+    transformers = pytest.importorskip("transformers")
+    d = Path(tempfile.mkdtemp())
+    if trained:
+        (d / "corpus").mkdir()
+        (d / "corpus" / "a.txt").write_text(CORPUS)
+        tok = train_bpe([d / "corpus"], vocab_size=256 + 256 + 60)
+    else:
+        tok = load_tokenizer(None)
+    tok.save(d / "tok")
+    return tok, transformers.AutoTokenizer.from_pretrained(d / "tok")
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["shipped", "trained"])
+def test_a_saved_tokenizer_is_an_hf_tokenizer_with_the_same_ids(trained):
+    """vLLM, SGLang and transformers read tokenizer.json: moonlet's own sources and README, mixed scripts and
+    whitespace give the same ids both ways, the ids decode back, and the specials sit at the same ids. (HF reads
+    special-token text as the token unless split_special_tokens; moonlet only with allow_special.)"""
+    tok, hf = hf_twin(trained)
+    texts = [p.read_text() for p in sorted((ROOT / "moonlet").glob("*.py"))]
+    for text in texts + [(ROOT / "README.md").read_text(), MIXED, CORPUS]:
+        ids = tok.encode(text)
+        assert hf.encode(text, add_special_tokens=False, split_special_tokens=True) == ids and hf.decode(ids) == text
+    turn = "<|im_user|>user<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|><think>"
+    assert hf.encode(turn, add_special_tokens=False) == tok.encode(turn, allow_special=True)
+    assert len(hf) == tok.vocab_size
+    assert [hf.bos_token_id, hf.eos_token_id, hf.pad_token_id] == [tok.special[s] for s in ("[BOS]", "[EOS]", "[PAD]")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200))
+def test_the_hf_tokenizer_encodes_any_unicode_the_same(text):
+    tok, hf = hf_twin(False)
+    assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
 
 
 def test_train_reads_cp1252_text_and_refuses_a_corpus_with_no_text(tmp_path):

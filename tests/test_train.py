@@ -61,6 +61,11 @@ def test_checkpoints_are_hf_checkpoints_written_every_n_steps_keeping_the_last_k
     assert state["step"] == 6 and state["data_position"] == 6 * 2 * 2 and "torch" in state["rng"]
     model = checkpoint.load(tmp_path / "r/checkpoints/step_0000006")
     assert any(m.gate.e_score_correction_bias.abs().sum() > 0 for m in model.moe_layers())  # balancing moved
+    # the data's tokenizer (here moonlet's default) travels with it, in a form transformers / vLLM load as well
+    from moonlet.tokenizer import load_tokenizer
+
+    hf_tok = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(tmp_path / "r/checkpoints/step_0000006")
+    assert hf_tok.encode(TEXT, add_special_tokens=False) == load_tokenizer(None).encode(TEXT)
     recs = read_metrics(tmp_path / "r")
     assert "eval_loss" in recs[2] and recs[-1]["tokens"] == 6 * 4 * 32
     assert {"max_logit_per_layer", "heads_clipped", "expert_load_max_over_mean", "experts_without_tokens",
