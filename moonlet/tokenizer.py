@@ -60,6 +60,9 @@ K2_SPECIAL_NAMES: dict[int, str] = {
     22: "<think>", 23: "</think>", 255: "[PAD]",
 }
 ASSET_DIR = Path(__file__).parent / "assets" / "tokenizer"
+# K2's chat format as a Jinja chat template, for transformers' apply_chat_template and vLLM / SGLang's chat
+# endpoints (moonlet itself renders with moonlet.chat; a test keeps the two equal)
+CHAT_TEMPLATE = Path(__file__).parent / "assets" / "chat_template.jinja"
 
 
 def reserved_name(token_id: int) -> str:
@@ -121,8 +124,8 @@ class Tokenizer:
         return cls(ranks, special, name=path.name or "tokenizer")
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write tiktoken.model and tokenizer_config.json (named specials only), and the same BPE as an HF
-        tokenizer.json (see hf_json), atomically per file."""
+        """Write tiktoken.model and tokenizer_config.json (named specials only, K2's chat template), and the
+        same BPE as an HF tokenizer.json (see hf_json), atomically per file."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         lines = [f"{base64.b64encode(b).decode()} {r}\n" for b, r in sorted(self.ranks.items(), key=lambda x: x[1])]
@@ -131,7 +134,8 @@ class Tokenizer:
                           "single_word": False, "special": True}
                  for s, i in sorted(self.special.items(), key=lambda x: x[1]) if s != reserved_name(i)}
         config = {"added_tokens_decoder": named, "bos_token": "[BOS]", "eos_token": "[EOS]",
-                  "pad_token": "[PAD]", "model_max_length": 1048576, "tokenizer_class": "PreTrainedTokenizerFast"}
+                  "pad_token": "[PAD]", "model_max_length": 1048576, "tokenizer_class": "PreTrainedTokenizerFast",
+                  "chat_template": CHAT_TEMPLATE.read_text()}
         atomic_write(path / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         atomic_write(path / "tokenizer.json", json.dumps(self.hf_json(), ensure_ascii=False) + "\n")
 

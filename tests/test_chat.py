@@ -185,6 +185,49 @@ def test_results_of_calls_sharing_a_caller_id_pair_off_in_order():
     assert "## Return of functions.a:0\nra" in text and "## Return of functions.b:1\nrb" in text
 
 
+# --- the same format as a Jinja chat template (what transformers, vLLM and SGLang render with) -------------
+
+CONVERSATIONS = {
+    "default system": ([{"role": "user", "content": "Hi"}], None),
+    "multi turn": (MULTI + [{"role": "assistant", "reasoning_content": "R3", "content": "A2"},
+                            {"role": "user", "content": [{"type": "text", "text": "Q"}, {"type": "text", "text": "3"}]}],
+                   None),
+    "parallel calls": ([
+        {"role": "user", "content": "What's the weather in Paris and Tokyo?"},
+        {"role": "assistant", "reasoning_content": "Two cities: call both.", "content": "", "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "東京"}}}]},
+        {"role": "tool", "tool_call_id": "call_b", "name": "get_weather", "content": "22°C"},
+        {"role": "tool", "tool_call_id": "call_a", "content": "18°C"}], TOOLS),
+    "aliases, no ids, reused ids": ([
+        {"role": "user", "content": "hi", "name": "alice"},
+        {"role": "assistant", "content": None, "reasoning": "via alias",
+         "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": None}}]},
+        {"role": "tool", "content": "ok"},
+        {"role": "assistant", "content": "done", "reasoning_content": "",
+         "tool_calls": [{"id": "x", "function": {"name": n, "arguments": {}}} for n in ("a", "b")]},
+        {"role": "tool", "tool_call_id": "x", "content": "ra"},
+        {"role": "tool", "tool_call_id": "x", "content": "rb"}], TOOLS),
+}
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_the_jinja_chat_template_renders_what_render_does(name, tmp_path):
+    """Tokenizer.save writes K2's format as tokenizer_config.json's chat_template: transformers'
+    apply_chat_template must give render's text, and the ids render_ids gives."""
+    transformers = pytest.importorskip("transformers")
+    tok = load_tokenizer(None)
+    tok.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    messages, tools = CONVERSATIONS[name]
+    for gen in (True, False):
+        text = hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen)
+        assert text == render(messages, tools, add_generation_prompt=gen)
+    ids = hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert ids == render_ids(messages, tok, tools, add_generation_prompt=True)[0]
+
+
 def test_sft_target_keeps_its_reasoning_and_train_on_selects_messages():
     tok = load_tokenizer(None)
     messages = MULTI + [{"role": "assistant", "reasoning_content": "R3", "content": "A2"}]
