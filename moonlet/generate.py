@@ -78,7 +78,7 @@ def cli_generate(argv: list[str]) -> int:
     ap.add_argument("--chat", action="store_true", help="render the K2 chat format; show reasoning and answer")
     ap.add_argument("--system", default=None, help="system message (--chat)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's, else moonlet's)")
-    ap.add_argument("--max-tokens", type=int, default=256, help="completion tokens, reasoning included (256)")
+    ap.add_argument("--max-tokens", type=at_least(1), default=256, help="completion tokens, reasoning included (256)")
     ap.add_argument("--max-thinking-tokens", type=int, default=None, help="force </think> after this many")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")

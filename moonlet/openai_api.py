@@ -174,8 +174,7 @@ def validate_completion(body: Any, model_name: str, max_model_len: int) -> dict:
         raise APIError(400, "'max_tokens' 0 generates nothing: it is for scoring the prompt, with 'echo' (and "
                        "'logprobs')", "max_tokens", "invalid_value")
     return req | {"prompts": batch, "echo": echo, "logprobs": logprobs, "max_key": "max_tokens",
-                  # echo + logprobs scores the prompt too; max_tokens 0 is the engine's prefill-only (scoring) request
-                  "prompt_logprobs": logprobs if echo and logprobs is not None else 0 if max_tokens == 0 else None,
+                  "prompt_logprobs": logprobs if echo else None,  # echo + logprobs scores the prompt too
                   "max_tokens": max_tokens}
 
 
@@ -366,6 +365,7 @@ class TextChoice:
         for t in request.prompt_ids if echo else ():
             self.feed(t)
         self._echoed = len(self._offsets)
+        self._prompt_reported = not echo
         self.pending = [{"text": self.text}] if self.text else []
         self._logprobs_sent = 0
 
@@ -375,11 +375,7 @@ class TextChoice:
 
     def feed(self, token: int) -> list[dict]:
         self._offsets.append(len(self.text))
-        try:
-            b = self.tokenizer.token_bytes(token)
-        except KeyError:
-            b = b""
-        return self._add(self._utf8.decode(b))
+        return self._add(self._utf8.decode(bytes(token_text(self.tokenizer, token)[1] or b"")))
 
     def finish(self) -> list[dict]:
         return self._add(self._utf8.decode(b"", final=True))
@@ -402,14 +398,14 @@ class TextChoice:
             out["top_logprobs"].append(None if lp is None else {token_text(self.tokenizer, t)[0]: v for t, v in lp[1]})
             out["text_offset"].append(offset)
 
-        if self._echoed and r.prompt_logprobs is not None:
-            for token, lp, offset in zip(r.prompt_ids, r.prompt_logprobs, self._offsets):
+        if not self._prompt_reported:
+            self._prompt_reported = True
+            for token, lp, offset in zip(r.prompt_ids, r.prompt_logprobs or (), self._offsets):
                 add(token, lp, offset)
-            self._echoed, self._offsets = 0, self._offsets[self._echoed:]
         start, self._logprobs_sent = self._logprobs_sent, max(self._logprobs_sent, end)
         for i in range(start, end):
             if r.output_logprobs[i] is not None:
-                add(r.output_ids[i], r.output_logprobs[i], self._offsets[i])
+                add(r.output_ids[i], r.output_logprobs[i], self._offsets[self._echoed + i])
         return out
 
     def opening(self) -> list[dict]:

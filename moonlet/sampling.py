@@ -19,7 +19,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 -> off
     seed: int | None = None
-    max_tokens: int = 256  # completion tokens, reasoning included; 0 with prompt_logprobs: prefill only
+    max_tokens: int = 256  # completion tokens, reasoning included; 0: prefill only (prompt_logprobs, prefix cache)
     stop_token_ids: tuple[int, ...] = ()  # the tokenizer's stop ids (<|im_end|>, [EOS]) are added unless ignore_eos
     stop: tuple[str, ...] = ()  # stop strings, matched on the visible text (not special tokens); cut from the output
     max_thinking_tokens: int | None = None  # when reasoning reaches it, the engine forces </think>
@@ -42,8 +42,7 @@ class SamplingParams:
         need(self.temperature >= 0, "temperature", "must be >= 0 (0 is greedy)")
         need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         need(self.top_k >= 0, "top_k", "must be >= 0 (0 is off)")
-        need(self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None), "max_tokens",
-             "must be >= 1 (0, prefill only, with prompt_logprobs)")
+        need(self.max_tokens >= 0, "max_tokens", "must be >= 0 (0: prefill only)")
         need(self.max_thinking_tokens is None or self.max_thinking_tokens >= 0, "max_thinking_tokens",
              "must be >= 0 or None")
         need(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
