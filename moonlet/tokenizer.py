@@ -436,7 +436,7 @@ def cli_tokenizer(argv: list[str]) -> int:
 
 def cli_bench_tokenizer(argv: list[str]) -> int:
     """Encode/decode MB/s of moonlet's tokenizer (tiktoken core, K2 regex) next to HF `tokenizers` running
-    the same vocabulary (converted with transformers' TikTokenConverter), with an id-parity check."""
+    the same vocabulary (the tokenizer.json moonlet saves), with an id-parity check."""
     ap = argparse.ArgumentParser(prog="moonlet bench tokenizer", description=cli_bench_tokenizer.__doc__)
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the shipped one)")
     ap.add_argument("--source", "--input", dest="input", metavar="PATH",
@@ -489,13 +489,10 @@ def cli_bench_tokenizer(argv: list[str]) -> int:
 
 
 def _hf_peer(tok: Tokenizer):
-    """The same ranks and split regex as an HF `tokenizers` BPE (transformers' tiktoken converter)."""
-    import tempfile
+    """The same BPE run by HF `tokenizers` (its Rust engine), from the tokenizer.json that save() writes, reading
+    special-token text as text (as moonlet's encode does without allow_special)."""
+    from tokenizers import Tokenizer as HFTokenizer
 
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    with tempfile.TemporaryDirectory() as d:
-        tok.save(d)
-        conv = TikTokenConverter(vocab_file=str(Path(d) / "tiktoken.model"), pattern=tok.pat_str,
-                                 extra_special_tokens=list(tok.special))
-        return conv.converted()
+    hf = HFTokenizer.from_str(json.dumps(tok.hf_json()))
+    hf.encode_special_tokens = True
+    return hf

@@ -215,7 +215,7 @@ def test_a_saved_tokenizer_is_an_hf_tokenizer_with_the_same_ids(trained):
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200))
 def test_the_hf_tokenizer_encodes_any_unicode_the_same(text):
     tok, hf = hf_twin(False)
-    assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
+    assert hf.encode(text, add_special_tokens=False, split_special_tokens=True) == tok.encode(text)
 
 
 def test_train_reads_cp1252_text_and_refuses_a_corpus_with_no_text(tmp_path):
@@ -282,3 +282,12 @@ def test_cli_tokenizer_train_refuses_a_file_as_out_before_training(tmp_path, cap
     assert cli_tokenizer(["train", "--input", str(tmp_path), "--vocab-size", "600", "--out",  # the old name works
                           str(tmp_path / "a.txt")]) == 2
     assert "is a file; give a directory" in capsys.readouterr().err
+
+
+def test_bench_tokenizer_runs_hf_tokenizers_on_the_saved_tokenizer_json_with_equal_ids(capsys):
+    pytest.importorskip("tokenizers")
+    from moonlet.tokenizer import cli_bench_tokenizer
+
+    assert cli_bench_tokenizer(["--source", str(ROOT / "moonlet"), "--mb", "0.2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["roundtrip_ok"] and res["ids_equal_hf"] and res["tokens"] > 10_000
