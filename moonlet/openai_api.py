@@ -82,6 +82,7 @@ def _sampling(body: Any, model_name: str, max_model_len: int) -> dict:
         "max_thinking_tokens": _number(body, "max_thinking_tokens", None, 0, max_model_len, integer=True),
         "stop": tuple(stop), "ignore_eos": ignore_eos, "stream": stream,
         "include_usage": bool((opts or {}).get("include_usage")),
+        "stop_token_ids": (), "prompt_logprobs": None,  # what a route adds (chat: the tool section's marker)
     }
 
 

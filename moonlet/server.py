@@ -330,8 +330,8 @@ class Handler(BaseHTTPRequestHandler):
                 seed = None if req["seed"] is None else req["seed"] + i
                 params = SamplingParams(temperature=req["temperature"], top_p=req["top_p"], top_k=req["top_k"],
                                         seed=seed, max_tokens=req["max_tokens"], stop=req["stop"],
-                                        stop_token_ids=req.get("stop_token_ids", ()), ignore_eos=req["ignore_eos"],
-                                        logprobs=req["logprobs"], prompt_logprobs=req.get("prompt_logprobs"),
+                                        stop_token_ids=req["stop_token_ids"], ignore_eos=req["ignore_eos"],
+                                        logprobs=req["logprobs"], prompt_logprobs=req["prompt_logprobs"],
                                         max_thinking_tokens=req["max_thinking_tokens"])
                 choices.append(choose(i, self.server.engine.submit(prompt, params, listener)))
         except BaseException:
