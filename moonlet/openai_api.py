@@ -74,6 +74,10 @@ def _sampling(body: Any, model_name: str, max_model_len: int) -> dict:
     if not isinstance(ignore_eos, bool):
         raise APIError(400, f"'ignore_eos' must be a boolean, got {ignore_eos!r}", "ignore_eos")
     top_k = _number(body, "top_k", 0, -1, 1 << 30, integer=True)
+    prompt_logprobs = _number(body, "prompt_logprobs", None, 0, MAX_LOGPROBS, integer=True)  # vLLM's extension
+    if prompt_logprobs is not None and stream:
+        raise APIError(400, "'prompt_logprobs' is not supported with stream=true (as in vLLM): the prompt's scores "
+                       "come in the one response object", "prompt_logprobs", "unsupported_parameter")
     return {
         "temperature": float(_number(body, "temperature", 1.0, 0.0, 2.0)),
         "top_p": float(_number(body, "top_p", 1.0, 1e-6, 1.0)),
@@ -82,7 +86,9 @@ def _sampling(body: Any, model_name: str, max_model_len: int) -> dict:
         "max_thinking_tokens": _number(body, "max_thinking_tokens", None, 0, max_model_len, integer=True),
         "stop": tuple(stop), "ignore_eos": ignore_eos, "stream": stream,
         "include_usage": bool((opts or {}).get("include_usage")),
-        "stop_token_ids": (), "prompt_logprobs": None,  # what a route adds (chat: the tool section's marker)
+        "stop_token_ids": (),  # what a route adds (chat: the tool section's marker)
+        "prompt_logprobs": prompt_logprobs,  # what the engine computes (/v1/completions: echo + logprobs too)
+        "vllm_prompt_logprobs": prompt_logprobs,  # what the response reports in vLLM's shape
     }
 
 
@@ -175,7 +181,8 @@ def validate_completion(body: Any, model_name: str, max_model_len: int) -> dict:
         raise APIError(400, "'max_tokens' 0 generates nothing: it is for scoring the prompt, with 'echo' (and "
                        "'logprobs')", "max_tokens", "invalid_value")
     return req | {"prompts": batch, "echo": echo, "logprobs": logprobs, "max_key": "max_tokens",
-                  "prompt_logprobs": logprobs if echo else None,  # echo + logprobs scores the prompt too
+                  "prompt_logprobs": max((k for k in (req["prompt_logprobs"], logprobs if echo else None)
+                                          if k is not None), default=None),  # echo + logprobs scores the prompt too
                   "max_tokens": max_tokens}
 
 
@@ -267,6 +274,21 @@ def token_text(tokenizer, token_id: int) -> tuple[str, list[int] | None]:
     return b.decode("utf-8", "replace"), list(b)
 
 
+def vllm_prompt_logprobs(request, tokenizer, k: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs` field: for each prompt token after the first, {token id: {logprob, rank,
+    decoded_token}} for that token and the k most likely ones (None first: nothing predicts the first token)."""
+    def entry(token: int, logprob: float, rank: int) -> dict:
+        return {"logprob": logprob, "rank": rank, "decoded_token": token_text(tokenizer, token)[0]}
+
+    out: list[dict | None] = [None]
+    for token, x in zip(request.prompt_ids[1:], request.prompt_logprobs[1:]):
+        d = {str(token): entry(token, x.logprob, x.rank)}
+        for rank, (alt, v) in enumerate(x.top[:k], 1):
+            d.setdefault(str(alt), entry(alt, v, rank))
+        out.append(d)
+    return out
+
+
 class Choice:
     """One engine request of /v1/chat/completions streamed through the K2 parser, with parallel_tool_calls=false
     applied. The SSE writer and the server use its wire-shape methods: opening, chunk, result."""
@@ -319,7 +341,7 @@ class Choice:
             return None
         ids, start = self.request.output_ids, self._logprobs_sent
         self._logprobs_sent = max(start, end)
-        return {"content": [self._token(ids[i], lps[i][0]) | {"top_logprobs": [self._token(t, v) for t, v in lps[i][1]]}
+        return {"content": [self._token(ids[i], lps[i].logprob) | {"top_logprobs": [self._token(t, v) for t, v in lps[i].top]}
                             for i in range(start, end) if lps[i] is not None]}
 
     def message(self) -> dict:
@@ -393,10 +415,13 @@ class TextChoice:
             return None
         out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
+        k = r.params.logprobs  # (the prompt's may have more alternatives, for prompt_logprobs)
+
         def add(token: int, lp, offset: int) -> None:
             out["tokens"].append(token_text(self.tokenizer, token)[0])
-            out["token_logprobs"].append(None if lp is None else lp[0])
-            out["top_logprobs"].append(None if lp is None else {token_text(self.tokenizer, t)[0]: v for t, v in lp[1]})
+            out["token_logprobs"].append(None if lp is None else lp.logprob)
+            out["top_logprobs"].append(None if lp is None else {token_text(self.tokenizer, t)[0]: v
+                                                                for t, v in lp.top[:k]})
             out["text_offset"].append(offset)
 
         if not self._prompt_reported:

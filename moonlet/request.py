@@ -24,7 +24,7 @@ _ids = itertools.count()
 class Request:
     """One generation. The engine appends to `output_ids` (released tokens; a tail that might start a stop
     string is held back until it cannot) and sets `finished` / `finish_reason` last. With params.logprobs,
-    `output_logprobs[i]` is (logprob, [(id, logprob)] alternatives) of output_ids[i], appended first, or None
+    `output_logprobs[i]` is the TokenLogprob (logprob, alternatives, rank) of output_ids[i], appended first, or None
     for a token the engine did not sample (the text before a stop string that began inside a token, re-encoded).
     With params.prompt_logprobs, `prompt_logprobs[i]` is the same for prompt_ids[i] (None for the first), complete
     before the first output token."""

@@ -4,11 +4,12 @@ row from the request's generator inverting the CDF (seeded requests repeat; no h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SamplingParams", "sample", "inverse_cdf", "token_logprobs"]
+__all__ = ["SamplingParams", "sample", "inverse_cdf", "token_logprobs", "TokenLogprob"]
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
@@ -121,16 +122,24 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch
     return (b * blk + torch.searchsorted(inner, rest)).clamp_max_(V - 1)[:, 0]
 
 
-def token_logprobs(logits: torch.Tensor, tokens: list[int], ks: list[int | None]
-                   ) -> list[tuple[float, list[tuple[int, float]]] | None]:
-    """Per row of logits [B,V]: (log-probability of the emitted token, the ks[row] most likely (id, logprob)),
-    or None where ks[row] is None. From the raw logits, before temperature, top-k and top-p (vLLM's default):
-    the model's own distribution, which is what RL and evaluation code wants. A token the engine forced (the
-    thinking budget's </think>) gets the model's probability of it too. One device->host transfer."""
+class TokenLogprob(NamedTuple):
+    """One token's log-probability, its rank in the model's distribution (1 = the most likely; vLLM reports it)
+    and the k most likely (id, logprob) alternatives, best first."""
+    logprob: float
+    top: list[tuple[int, float]]
+    rank: int
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], ks: list[int | None]) -> list[TokenLogprob | None]:
+    """Per row of logits [B,V]: the emitted token's TokenLogprob with ks[row] alternatives, or None where
+    ks[row] is None. From the raw logits, before temperature, top-k and top-p (vLLM's default): the model's own
+    distribution, which is what RL and evaluation code wants. A token the engine forced (the thinking budget's
+    </think>) gets the model's probability of it too. One device->host transfer."""
     lp = logits.float().log_softmax(-1)
-    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0]
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])
+    rank = (lp > chosen).sum(1, keepdim=True).to(lp.dtype) + 1
     k = max(k or 0 for k in ks)
     vals, ids = lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long())
-    chosen, vals, ids = torch.cat([chosen[:, None], vals, ids.to(lp.dtype)], 1).cpu().split([1, k, k], 1)
-    return [None if kk is None else (c[0], list(zip(map(int, i[:kk]), v[:kk])))
-            for kk, c, v, i in zip(ks, chosen.tolist(), vals.tolist(), ids.tolist())]
+    chosen, rank, vals, ids = torch.cat([chosen, rank, vals, ids.to(lp.dtype)], 1).cpu().split([1, 1, k, k], 1)
+    return [None if kk is None else TokenLogprob(c[0], list(zip(map(int, i[:kk]), v[:kk])), int(r[0]))
+            for kk, c, r, v, i in zip(ks, chosen.tolist(), rank.tolist(), vals.tolist(), ids.tolist())]

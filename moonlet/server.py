@@ -55,6 +55,7 @@ from moonlet.openai_api import (
     usage_of,
     validate,
     validate_completion,
+    vllm_prompt_logprobs,
 )
 from moonlet.scripted import ScriptedEngine
 from moonlet.sse import CLIENT_TIMEOUT_S, SSEWriter, Stream
@@ -412,6 +413,11 @@ class Handler(BaseHTTPRequestHandler):
             return
         out = self._header(choices[0].OBJECT, choices[0].ID_PREFIX + uuid.uuid4().hex)
         out["choices"] = [c.result() for c in choices]
+        k = req["vllm_prompt_logprobs"]
+        if k is not None:  # vLLM's shape and place: in each choice of /v1/completions, once in a chat response
+            scored = zip(out["choices"], choices) if choices[0].OBJECT == TextChoice.OBJECT else [(out, choices[0])]
+            for obj, c in scored:
+                obj["prompt_logprobs"] = vllm_prompt_logprobs(c.request, self.server.tokenizer, k)
         out["usage"] = usage_of([c.request for c in choices], req["n"])
         self._json(200, out)
 

@@ -49,6 +49,11 @@ def prompts(n: int, lengths, seed: int = 0, vocab: int = 32000) -> list[list[int
 # --------------------------------------------------------------------------------------------- correctness
 
 
+def rank_bounds(ref_row: torch.Tensor, lp: float, tol: float = 1e-4) -> tuple[int, int]:
+    """The ranks a token of logprob lp can have in the peer's row, allowing for float differences in near-ties."""
+    return 1 + int((ref_row > lp + tol).sum()), 1 + int((ref_row > lp - tol).sum())
+
+
 def test_cache_holds_only_the_normalized_latent_and_rotated_rope_key(tiny):
     cfg = tiny.cfg
     eng = Engine(tiny, max_batch_size=2, max_seq_len=64)
@@ -174,13 +179,14 @@ def test_logprobs_are_hf_transformers_log_softmax_of_every_emitted_token(tiny_hf
         assert len(r.output_logprobs) == len(r.output_ids) == 16
         with torch.no_grad():
             ref = hf(torch.tensor([p + r.output_ids])).logits[0, len(p) - 1 : -1].log_softmax(-1)
-        for i, (tok, (lp, top)) in enumerate(zip(r.output_ids, r.output_logprobs)):
+        for i, (tok, (lp, top, rank)) in enumerate(zip(r.output_ids, r.output_logprobs)):
             assert lp == pytest.approx(float(ref[i, tok]), abs=1e-4)
+            assert rank_bounds(ref[i], lp)[0] <= rank <= rank_bounds(ref[i], lp)[1]
             vals, ids = ref[i].topk(k) if k else (ref[i, :0], ref[i, :0].long())
             assert [t for t, _ in top] == ids.tolist()
             assert [v for _, v in top] == pytest.approx(vals.tolist(), abs=1e-4)
         if k:  # greedy: the emitted token is the most likely one
-            assert all(top[0] == (tok, lp) for tok, (lp, top) in zip(r.output_ids, r.output_logprobs))
+            assert all(top[0] == (tok, lp) and rank == 1 for tok, (lp, top, rank) in zip(r.output_ids, r.output_logprobs))
 
 
 def test_prompt_logprobs_are_hf_transformers_log_softmax_of_every_prompt_token(tiny_hf_checkpoint):
@@ -202,14 +208,15 @@ def test_prompt_logprobs_are_hf_transformers_log_softmax_of_every_prompt_token(t
         with torch.no_grad():
             ref = hf(torch.tensor([p])).logits[0, :-1].log_softmax(-1)
         assert r.prompt_logprobs[0] is None and len(r.prompt_logprobs) == len(p)
-        for i, (tok, (lp, top)) in enumerate(zip(p[1:], r.prompt_logprobs[1:])):
+        for i, (tok, (lp, top, rank)) in enumerate(zip(p[1:], r.prompt_logprobs[1:])):
             assert lp == pytest.approx(float(ref[i, tok]), abs=1e-4)
+            assert rank_bounds(ref[i], lp)[0] <= rank <= rank_bounds(ref[i], lp)[1]
             vals, ids = ref[i].topk(k) if k else (ref[i, :0], ref[i, :0].long())
             assert [t for t, _ in top] == ids.tolist()
             assert [v for _, v in top] == pytest.approx(vals.tolist(), abs=1e-4)
     only = eng.submit(ps[1], SamplingParams(max_tokens=0, prompt_logprobs=0)).result()  # prefill only: scoring
     assert only.output_ids == [] and only.finish_reason == "length" and only.usage["completion_tokens"] == 0
-    assert [lp for lp, _ in only.prompt_logprobs[1:]] == pytest.approx([lp for lp, _ in reqs[1].prompt_logprobs[1:]])
+    assert [x.logprob for x in only.prompt_logprobs[1:]] == pytest.approx([x.logprob for x in reqs[1].prompt_logprobs[1:]])
 
 
 def test_a_forced_think_end_gets_the_models_logprob_of_it(tiny, tok):
@@ -221,8 +228,9 @@ def test_a_forced_think_end_gets_the_models_logprob_of_it(tiny, tok):
     assert r.output_ids[3] == tok.think_end_id and len(r.output_logprobs) == 6
     with torch.no_grad():
         ref = tiny(torch.tensor([prompt + r.output_ids]))[0, len(prompt) - 1 : -1].log_softmax(-1)
-    lp, top = r.output_logprobs[3]
+    lp, top, rank = r.output_logprobs[3]
     assert lp == pytest.approx(float(ref[3, tok.think_end_id]), abs=1e-4) and top[0][0] == int(ref[3].argmax())
+    assert rank_bounds(ref[3], lp)[0] <= rank <= rank_bounds(ref[3], lp)[1] and rank > 1
     assert top[0][0] != tok.think_end_id  # the budget forced it; the model would have said something else
 
 

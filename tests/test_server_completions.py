@@ -96,6 +96,44 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(client, tok):
     assert echo_only.text == prompt and echo_only.logprobs is None
 
 
+def test_prompt_logprobs_come_in_vllms_shape_on_both_routes(client, tok):
+    """vLLM's `prompt_logprobs` extension: per prompt token after the first, {id: {logprob, rank, decoded_token}}
+    for it and the k most likely tokens; in each choice of /v1/completions, once in a chat response. The values
+    are the model's own log_softmax; it is refused with stream (as vLLM does) and above 20."""
+    import torch
+
+    import moonlet
+
+    text = "def fibonacci(n):\n    return"
+    ids = tok.encode(text)
+    c = client.completions.create(model="tiny", prompt=text, max_tokens=1, extra_body={"prompt_logprobs": 2},
+                                  echo=True, logprobs=1).choices[0]
+    plp = c.prompt_logprobs
+    with torch.no_grad():
+        ref = moonlet.load("tiny")(torch.tensor([ids]))[0, :-1].log_softmax(-1)
+    assert plp[0] is None and len(plp) == len(ids)
+    for row, t, d in zip(ref, ids[1:], plp[1:]):
+        top = row.topk(2).indices.tolist()
+        assert list(d)[0] == str(t) and set(d) == {str(t), *map(str, top)}  # the prompt token first
+        assert d[str(t)]["logprob"] == pytest.approx(float(row[t]), abs=1e-4)
+        rank = d[str(t)]["rank"]  # (bounds allow float differences in near-ties)
+        assert 1 + int((row > row[t] + 1e-4).sum()) <= rank <= 1 + int((row > row[t] - 1e-4).sum())
+        assert d[str(t)]["decoded_token"] == tok.decode([t]) and [d[str(a)]["rank"] for a in top] == [1, 2]
+    assert all(len(x) == 1 for x in c.logprobs.top_logprobs[1:])  # echo's legacy logprobs keep their own k
+    chat_ids = chat_prompt(tok, "Hello")
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=1,
+                                       extra_body={"prompt_logprobs": 0})
+    by_ids = client.completions.create(model="tiny", prompt=chat_ids, max_tokens=1, extra_body={"prompt_logprobs": 0})
+    assert r.prompt_logprobs == by_ids.choices[0].prompt_logprobs and len(r.prompt_logprobs) == len(chat_ids)
+    assert "prompt_logprobs" not in (client.completions.create(model="tiny", prompt=text, max_tokens=1)
+                                     .choices[0].model_extra or {})
+    for kw in ({"stream": True}, {"extra_body": {"prompt_logprobs": 21}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny", prompt=text, max_tokens=1,
+                                      **({"extra_body": {"prompt_logprobs": 1}} | kw))
+        assert e.value.body["param"] == "prompt_logprobs"
+
+
 def test_a_batch_of_prompts_gives_n_choices_each_in_prompt_order(client, tok):
     a, b = "The capital of France", "import numpy as np"
     one = {p: client.completions.create(prompt=p, **GREEDY).choices[0].text for p in (a, b)}
