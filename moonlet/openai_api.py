@@ -74,6 +74,9 @@ def _sampling(body: Any, model_name: str, max_model_len: int) -> dict:
     if not isinstance(ignore_eos, bool):
         raise APIError(400, f"'ignore_eos' must be a boolean, got {ignore_eos!r}", "ignore_eos")
     top_k = _number(body, "top_k", 0, -1, 1 << 30, integer=True)
+    return_token_ids = body.get("return_token_ids", False)  # vLLM's extension: the ids RL code trains on
+    if not isinstance(return_token_ids, bool):
+        raise APIError(400, f"'return_token_ids' must be a boolean, got {return_token_ids!r}", "return_token_ids")
     prompt_logprobs = _number(body, "prompt_logprobs", None, 0, MAX_LOGPROBS, integer=True)  # vLLM's extension
     if prompt_logprobs is not None and stream:
         raise APIError(400, "'prompt_logprobs' is not supported with stream=true (as in vLLM): the prompt's scores "
@@ -89,6 +92,7 @@ def _sampling(body: Any, model_name: str, max_model_len: int) -> dict:
         "stop_token_ids": (),  # what a route adds (chat: the tool section's marker)
         "prompt_logprobs": prompt_logprobs,  # what the engine computes (/v1/completions: echo + logprobs too)
         "vllm_prompt_logprobs": prompt_logprobs,  # what the response reports in vLLM's shape
+        "return_token_ids": return_token_ids,
     }
 
 
@@ -289,17 +293,59 @@ def vllm_prompt_logprobs(request, tokenizer, k: int) -> list[dict | None]:
     return out
 
 
-class Choice:
-    """One engine request of /v1/chat/completions streamed through the K2 parser, with parallel_tool_calls=false
-    applied. The SSE writer and the server use its wire-shape methods: opening, chunk, result."""
-    OBJECT, CHUNK_OBJECT, ID_PREFIX = "chat.completion", "chat.completion.chunk", "chatcmpl-"
+class _Choice:
+    """What the two routes' choices share: one engine request, its wire shapes for the SSE writer and the server
+    (opening, chunk, result), and how far its output tokens are reported: a token's logprobs (and, with vLLM's
+    return_token_ids, its id) ride on the first chunk at or after it."""
+    PROMPT_IN_CHOICE = True  # where vLLM's prompt fields go: in each choice, or (chat) once in the response
 
-    def __init__(self, index: int, request, tokenizer, prefix: list[int], parallel: bool):
+    def __init__(self, index: int, request, tokenizer, return_token_ids: bool):
+        self.index, self.request, self.tokenizer, self.return_token_ids = index, request, tokenizer, return_token_ids
+        self._logprobs_sent = self._ids_sent = 0  # output tokens whose logprobs / ids are out
+
+    def logprobs_until(self, end: int) -> dict | None:
+        raise NotImplementedError
+
+    def _delta_json(self, delta: dict) -> str:
+        raise NotImplementedError
+
+    def _body(self) -> dict:
+        raise NotImplementedError
+
+    def finish_reason(self) -> str:
+        return self.request.finish_reason or "stop"
+
+    def chunk(self, delta: dict, finish: str | None = None, end: int | None = None) -> str:
+        """The JSON of one streamed choice after its index (the SSE writer builds the rest once per stream), with
+        the output tokens up to `end` not yet reported."""
+        out = (f'{self._delta_json(delta)}, "logprobs": {json.dumps(None if end is None else self.logprobs_until(end))}'
+               f', "finish_reason": {json.dumps(finish)}')
+        if self.return_token_ids:
+            start, self._ids_sent = self._ids_sent, max(self._ids_sent, end or 0)
+            out += f', "token_ids": {json.dumps(self.request.output_ids[start:end or 0])}'
+        return out
+
+    def result(self) -> dict:
+        out = {"index": self.index, **self._body(), "logprobs": self.logprobs_until(len(self.request.output_ids)),
+               "finish_reason": self.finish_reason()}
+        if self.return_token_ids:
+            out["token_ids"] = list(self.request.output_ids)
+        return out
+
+
+class Choice(_Choice):
+    """One engine request of /v1/chat/completions streamed through the K2 parser, with parallel_tool_calls=false
+    applied."""
+    OBJECT, CHUNK_OBJECT, ID_PREFIX = "chat.completion", "chat.completion.chunk", "chatcmpl-"
+    PROMPT_IN_CHOICE = False
+
+    def __init__(self, index: int, request, tokenizer, prefix: list[int], parallel: bool,
+                 return_token_ids: bool = False):
         from moonlet.chat import StreamParser
 
-        self.index, self.request, self.parallel, self.tokenizer = index, request, parallel, tokenizer
+        super().__init__(index, request, tokenizer, return_token_ids)
+        self.parallel = parallel
         self.parser = StreamParser(tokenizer)
-        self._logprobs_sent = 0  # output tokens whose logprobs are out (streaming sends them as tokens come)
         self.pending = self._filter(self.parser.feed_ids(prefix)) if prefix else []
 
     def _filter(self, deltas: list[dict]) -> list[dict]:
@@ -321,7 +367,7 @@ class Choice:
         return self._filter(self.parser.finish())
 
     def finish_reason(self) -> str:
-        r = self.request.finish_reason or "stop"
+        r = super().finish_reason()
         cut = self.parser.cut_call
         visible = len(self.parser.tool_calls) if self.parallel else min(1, len(self.parser.tool_calls))
         if r == "stop" and visible and (cut is None or cut >= visible):
@@ -358,14 +404,11 @@ class Choice:
     def opening(self) -> list[dict]:
         return [{"role": "assistant", "content": ""}, *self.pending]
 
-    def chunk(self, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
-        """The JSON of one streamed choice after its index (the SSE writer builds the rest once per stream)."""
-        return (f'"delta": {json.dumps(openai_delta(delta))}, "logprobs": {json.dumps(logprobs)}, '
-                f'"finish_reason": {json.dumps(finish)}')
+    def _delta_json(self, delta: dict) -> str:
+        return f'"delta": {json.dumps(openai_delta(delta))}'
 
-    def result(self) -> dict:
-        return {"index": self.index, "message": self.message(),
-                "logprobs": self.logprobs_until(len(self.request.output_ids)), "finish_reason": self.finish_reason()}
+    def _body(self) -> dict:
+        return {"message": self.message()}
 
 
 def openai_delta(d: dict) -> dict:
@@ -374,14 +417,15 @@ def openai_delta(d: dict) -> dict:
     return d
 
 
-class TextChoice:
+class TextChoice(_Choice):
     """One engine request of /v1/completions: the generated tokens as plain text (special tokens by name, as the
     model wrote them), after the echoed prompt when asked; logprobs in that endpoint's legacy shape."""
     OBJECT = CHUNK_OBJECT = "text_completion"
     ID_PREFIX = "cmpl-"
 
-    def __init__(self, index: int, request, tokenizer, echo: bool = False):
-        self.index, self.request, self.tokenizer = index, request, tokenizer
+    def __init__(self, index: int, request, tokenizer, echo: bool = False, return_token_ids: bool = False):
+        super().__init__(index, request, tokenizer, return_token_ids)
+        self._prompt_ids_sent = not return_token_ids  # streamed: the prompt's ids ride on the choice's first chunk
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""
         self._offsets: list[int] = []  # where each token's text starts in self.text: the echoed prompt's, then the output's
@@ -390,7 +434,6 @@ class TextChoice:
         self._echoed = len(self._offsets)
         self._prompt_reported = not echo
         self.pending = [{"text": self.text}] if self.text else []
-        self._logprobs_sent = 0
 
     def _add(self, text: str) -> list[dict]:
         self.text += text
@@ -402,9 +445,6 @@ class TextChoice:
 
     def finish(self) -> list[dict]:
         return self._add(self._utf8.decode(b"", final=True))
-
-    def finish_reason(self) -> str:
-        return self.request.finish_reason or "stop"
 
     def logprobs_until(self, end: int) -> dict | None:
         """{tokens, token_logprobs, top_logprobs, text_offset} for the output tokens not yet reported, up to `end`
@@ -437,10 +477,13 @@ class TextChoice:
     def opening(self) -> list[dict]:
         return self.pending
 
-    def chunk(self, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
-        return (f'"text": {json.dumps(delta.get("text", ""))}, "logprobs": {json.dumps(logprobs)}, '
-                f'"finish_reason": {json.dumps(finish)}')
+    def _delta_json(self, delta: dict) -> str:
+        out = f'"text": {json.dumps(delta.get("text", ""))}'
+        if not self._prompt_ids_sent:
+            self._prompt_ids_sent = True
+            out += f', "prompt_token_ids": {json.dumps(self.request.prompt_ids)}'
+        return out
 
-    def result(self) -> dict:
-        return {"index": self.index, "text": self.text,
-                "logprobs": self.logprobs_until(len(self.request.output_ids)), "finish_reason": self.finish_reason()}
+    def _body(self) -> dict:
+        return {"text": self.text} | ({"prompt_token_ids": list(self.request.prompt_ids)} if self.return_token_ids
+                                      else {})

@@ -294,7 +294,7 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 req = validate_completion(body, s.model_name, s.max_model_len)
                 prompts = completion_prompts(req, s.tokenizer, s.max_model_len)
-                choose = lambda i, r: TextChoice(i, r, s.tokenizer, req["echo"])
+                choose = lambda i, r: TextChoice(i, r, s.tokenizer, req["echo"], req["return_token_ids"])
         except APIError as e:
             return self._error(e)
         except Exception as e:
@@ -310,7 +310,8 @@ class Handler(BaseHTTPRequestHandler):
         req["stop_token_ids"] = (self.server.tokenizer.special[SECTION_BEGIN],) if no_tools and not req["ignore_eos"] else ()
         if prefix:
             req["max_thinking_tokens"] = None  # a forced call carries no reasoning
-        return lambda i, r: Choice(i, r, self.server.tokenizer, prefix, req["parallel_tool_calls"])
+        return lambda i, r: Choice(i, r, self.server.tokenizer, prefix, req["parallel_tool_calls"],
+                                   req["return_token_ids"])
 
     def _internal_error(self, e: Exception) -> APIError:
         """A bug, not bad input: the traceback goes to the log and the client still gets an OpenAI error
@@ -415,9 +416,11 @@ class Handler(BaseHTTPRequestHandler):
         out["choices"] = [c.result() for c in choices]
         k = req["vllm_prompt_logprobs"]
         if k is not None:  # vLLM's shape and place: in each choice of /v1/completions, once in a chat response
-            scored = zip(out["choices"], choices) if choices[0].OBJECT == TextChoice.OBJECT else [(out, choices[0])]
+            scored = zip(out["choices"], choices) if choices[0].PROMPT_IN_CHOICE else [(out, choices[0])]
             for obj, c in scored:
                 obj["prompt_logprobs"] = vllm_prompt_logprobs(c.request, self.server.tokenizer, k)
+        if req["return_token_ids"] and not choices[0].PROMPT_IN_CHOICE:
+            out["prompt_token_ids"] = list(choices[0].request.prompt_ids)
         out["usage"] = usage_of([c.request for c in choices], req["n"])
         self._json(200, out)
 
@@ -434,9 +437,12 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         first = stream.choices[0]
         stream.head = self._header(first.CHUNK_OBJECT, first.ID_PREFIX + uuid.uuid4().hex)
+        prompt_ids = None if first.PROMPT_IN_CHOICE or not first.return_token_ids else \
+            {"prompt_token_ids": list(first.request.prompt_ids)}  # chat: once, on the stream's first chunk
         for c in stream.choices:
             for d in c.opening():
-                stream.send(c.index, c.chunk(d))
+                stream.send(c.index, c.chunk(d), prompt_ids)
+                prompt_ids = None
         self.server.writer.hand_over(stream)
         stream.done.wait()
         self.connection.settimeout(self.timeout)

@@ -55,12 +55,13 @@ class Stream:
     def sse(self, obj: dict | str) -> None:
         self._event(obj.encode() if isinstance(obj, str) else json.dumps(obj).encode())
 
-    def send(self, index: int, choice: str) -> None:
-        """The chunk head | {"choices": [{"index": index, <choice>}]}, with the head's JSON built once per stream
-        (it was a third of the writer's time per token); `choice` is the JSON Choice.chunk wrote."""
+    def send(self, index: int, choice: str, extra: dict | None = None) -> None:
+        """The chunk head | extra | {"choices": [{"index": index, <choice>}]}, with the head's JSON built once per
+        stream (it was a third of the writer's time per token); `choice` is the JSON Choice.chunk wrote."""
         if self._head_json is None:
             self._head_json = json.dumps(self.head)[:-1] + ', "choices": [{"index": '
-        self._event(f'{self._head_json}{index}, {choice}}}]}}'.encode())
+        head = self._head_json if not extra else json.dumps(self.head | extra)[:-1] + ', "choices": [{"index": '
+        self._event(f'{head}{index}, {choice}}}]}}'.encode())
 
     def advance(self, metrics: Metrics) -> None:
         """Parse every choice's new tokens into SSE chunks; after the last choice ends, the stream's tail."""
@@ -79,12 +80,12 @@ class Stream:
                 self.first = False
             for end, tok in enumerate(new, base + 1):  # a token's logprob rides on the first chunk at or after it
                 for d in c.feed(tok):
-                    self.send(c.index, c.chunk(d, logprobs=c.logprobs_until(end)))
+                    self.send(c.index, c.chunk(d, end=end))
             if finished:
                 self._live.discard(c.index)
                 for d in c.finish():
-                    self.send(c.index, c.chunk(d, logprobs=c.logprobs_until(len(r.output_ids))))
-                self.send(c.index, c.chunk({}, c.finish_reason(), c.logprobs_until(len(r.output_ids))))
+                    self.send(c.index, c.chunk(d, end=len(r.output_ids)))
+                self.send(c.index, c.chunk({}, c.finish_reason(), len(r.output_ids)))
         if self._live:
             return
         requests = [c.request for c in self.choices]

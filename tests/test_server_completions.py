@@ -134,6 +134,32 @@ def test_prompt_logprobs_come_in_vllms_shape_on_both_routes(client, tok):
         assert e.value.body["param"] == "prompt_logprobs"
 
 
+def test_return_token_ids_gives_the_prompt_and_output_ids_streamed_or_not(client, tok):
+    """vLLM's `return_token_ids` (what RL code trains on): the prompt's ids (in the choice on /v1/completions,
+    once at the top of a chat response or stream) and the generated ids, which a stream spreads over its chunks."""
+    text = "def fibonacci(n):\n    return"
+    kw = GREEDY | {"prompt": text, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
+    c = client.completions.create(**kw).choices[0]
+    assert c.prompt_token_ids == tok.encode(text) and len(c.token_ids) == 8 and tok.decode(c.token_ids) == c.text
+    for echo in (False, True):
+        chunks = [ch.choices[0] for ch in client.completions.create(stream=True, echo=echo, **kw) if ch.choices]
+        assert chunks[0].prompt_token_ids == c.prompt_token_ids
+        assert not any(getattr(ch, "prompt_token_ids", None) for ch in chunks[1:])
+        assert sum((ch.token_ids for ch in chunks), []) == c.token_ids
+    messages = [{"role": "user", "content": "Hello"}]
+    r = client.chat.completions.create(messages=messages, **GREEDY | {"extra_body": kw["extra_body"]})
+    assert r.prompt_token_ids == chat_prompt(tok, "Hello")
+    assert r.choices[0].token_ids == client.completions.create(**kw | {"prompt": r.prompt_token_ids}).choices[0].token_ids
+    chunks = list(client.chat.completions.create(messages=messages, stream=True, **GREEDY | {"extra_body": kw["extra_body"]}))
+    assert chunks[0].prompt_token_ids == r.prompt_token_ids and sum((ch.choices[0].token_ids for ch in chunks), []) \
+        == r.choices[0].token_ids
+    plain = client.completions.create(**GREEDY | {"prompt": text}).choices[0]
+    assert "token_ids" not in (plain.model_extra or {})
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**kw | {"extra_body": {"return_token_ids": "yes"}})
+    assert e.value.body["param"] == "return_token_ids"
+
+
 def test_a_batch_of_prompts_gives_n_choices_each_in_prompt_order(client, tok):
     a, b = "The capital of France", "import numpy as np"
     one = {p: client.completions.create(prompt=p, **GREEDY).choices[0].text for p in (a, b)}
