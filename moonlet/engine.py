@@ -33,7 +33,7 @@ from moonlet.costs import tokens_that_fit
 from moonlet.kvcache import Decoder, PrefixCache, prefill
 from moonlet.model import Transformer
 from moonlet.request import Request
-from moonlet.sampling import SamplingParams, sample, stop_split, token_logprobs
+from moonlet.sampling import LogitAdjuster, SamplingParams, sample, stop_split, token_logprobs
 
 __all__ = ["Engine", "Request", "SamplingParams", "sample"]
 
@@ -133,10 +133,10 @@ class Engine:
             raise ValueError(f"prompt_ids must be integer token ids, got {list(prompt_ids)[:5]!r}") from None
         if not prompt_ids:
             raise ValueError("prompt_ids is empty: the engine needs at least one prompt token")
-        bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
+        bad = [t for t in [*prompt_ids, *(params.logit_bias or ())] if not 0 <= t < self.cfg.vocab_size]
         if bad:
-            raise ValueError(f"prompt_ids holds ids outside the model's vocabulary [0, {self.cfg.vocab_size}): "
-                             f"{bad[:5]}")
+            raise ValueError(f"prompt_ids (or logit_bias) holds ids outside the model's vocabulary "
+                             f"[0, {self.cfg.vocab_size}): {bad[:5]}")
         if len(prompt_ids) >= self.max_seq_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit: this engine's max_seq_len is "
                              f"{self.max_seq_len} (raise max_seq_len or kv_cache_bytes)")
@@ -462,13 +462,26 @@ class Engine:
         """logits [B,V] fp32 -> one token id per row (one device->host transfer), and the rows' logprobs where
         a request asks for them (a second one)."""
         ps = [r.params for r in reqs]
+        raw = logits  # logprobs report the model's own distribution
+        if any(p.adjusts_logits for p in ps):
+            logits = logits.clone()
+            for row, r in zip(logits, reqs):
+                if r.params.adjusts_logits:
+                    self._adjuster(r).apply(row, r._generated)
         if all(p.temperature == 0 for p in ps):
             out = logits.argmax(-1).tolist()
         else:
             out = sample(logits, ps, [self._generator(r) for r in reqs]).tolist()
         out = [r._force if r._force is not None else t for r, t in zip(reqs, out)]
         want = [p.logprobs for p in ps]
-        return out, (token_logprobs(logits, out, want) if any(k is not None for k in want) else None)
+        return out, (token_logprobs(raw, out, want) if any(k is not None for k in want) else None)
+
+    def _adjuster(self, req: Request) -> LogitAdjuster:
+        if req._adjuster is None:
+            p = req.params
+            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.specials.stop))
+            req._adjuster = LogitAdjuster(p, req.prompt_ids, sorted(stops), self.cfg.vocab_size, self.device)
+        return req._adjuster
 
     def _generator(self, req: Request) -> torch.Generator | None:
         if req.params.temperature == 0:
@@ -496,6 +509,8 @@ class Engine:
             if tok in p.stop_token_ids or (not p.ignore_eos and tok in sp.stop):
                 self._finish(req, "stop")
                 continue
+            if req._adjuster is not None:
+                req._adjuster.add(tok)
             req._fed.append(tok)
             req._pending.append(tok)
             if req.output_logprobs is not None:

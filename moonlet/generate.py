@@ -83,6 +83,10 @@ def cli_generate(argv: list[str]) -> int:
     ap.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     ap.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    ap.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this x the most likely "
+                    "one (0 = off)")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0, help="damp tokens already in the prompt or "
+                    "output (HF's; 1.0 = off, 1.1-1.3 typical)")
     ap.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output")
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("--compile", action="store_true", help=COMPILE_HELP)
@@ -93,7 +97,7 @@ def cli_generate(argv: list[str]) -> int:
     try:  # before the model loads: bad sampling options fail in a second, not after a minute of loading
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 max_tokens=args.max_tokens, max_thinking_tokens=args.max_thinking_tokens,
-                                stop=tuple(args.stop))
+                                stop=tuple(args.stop), min_p=args.min_p, repetition_penalty=args.repetition_penalty)
         params.validate()
     except ValueError as e:
         ap.error(str(e))

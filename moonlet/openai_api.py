@@ -14,6 +14,7 @@ from moonlet.sampling import MAX_LOGPROBS
 
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # choices per request (/v1/completions takes a batch of prompts)
+ADJUSTMENTS = ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "logit_bias")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -54,12 +55,12 @@ def _sampling(body: Any, model_name: str, max_model_len: int) -> dict:
     if model is not None and model != model_name:
         raise APIError(404, f"The model '{model}' does not exist; this server serves '{model_name}'",
                        "model", "model_not_found")
-    for key in ("presence_penalty", "frequency_penalty"):
-        if _number(body, key, 0, -2, 2):
-            raise APIError(400, f"'{key}' is not supported by moonlet's engine; omit it or send 0", key,
-                           "unsupported_parameter")
-    if body.get("logit_bias"):
-        raise APIError(400, "'logit_bias' is not supported by moonlet serve", "logit_bias", "unsupported_parameter")
+    bias = body.get("logit_bias") or {}
+    if not isinstance(bias, dict) or len(bias) > 300 or not all(
+            isinstance(k, str) and k.isdigit() and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and -100 <= v <= 100 for k, v in bias.items()):
+        raise APIError(400, "'logit_bias' maps token ids (as strings) to biases in [-100, 100], at most 300 of "
+                       "them", "logit_bias")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
@@ -84,7 +85,12 @@ def _sampling(body: Any, model_name: str, max_model_len: int) -> dict:
     return {
         "temperature": float(_number(body, "temperature", 1.0, 0.0, 2.0)),
         "top_p": float(_number(body, "top_p", 1.0, 1e-6, 1.0)),
-        "top_k": max(0, top_k), "seed": _number(body, "seed", None, 0, (1 << 63) - 1 - MAX_CHOICES, integer=True),
+        "top_k": max(0, top_k), "min_p": float(_number(body, "min_p", 0.0, 0.0, 1.0)),
+        "presence_penalty": float(_number(body, "presence_penalty", 0.0, -2, 2)),
+        "frequency_penalty": float(_number(body, "frequency_penalty", 0.0, -2, 2)),
+        "repetition_penalty": float(_number(body, "repetition_penalty", 1.0, 1e-3, 10)),  # vLLM's extensions:
+        "min_tokens": _number(body, "min_tokens", 0, 0, max_model_len, integer=True),  # these two and min_p
+        "logit_bias": {int(k): float(v) for k, v in bias.items()} or None, "seed": _number(body, "seed", None, 0, (1 << 63) - 1 - MAX_CHOICES, integer=True),
         "n": _number(body, "n", 1, 1, MAX_N, integer=True),
         "max_thinking_tokens": _number(body, "max_thinking_tokens", None, 0, max_model_len, integer=True),
         "stop": tuple(stop), "ignore_eos": ignore_eos, "stream": stream,

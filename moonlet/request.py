@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moonlet.sampling import SamplingParams
+from moonlet.sampling import LogitAdjuster, SamplingParams
 
 if TYPE_CHECKING:
     from moonlet.engine import Engine
@@ -59,6 +59,7 @@ class Request:
         self._force: int | None = None
         self._looked_up = False
         self._gen: torch.Generator | None = None
+        self._adjuster: LogitAdjuster | None = None  # made at the first sample when params.adjusts_logits
 
     @property
     def usage(self) -> dict:

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SamplingParams", "sample", "inverse_cdf", "token_logprobs", "TokenLogprob"]
+__all__ = ["SamplingParams", "LogitAdjuster", "sample", "inverse_cdf", "token_logprobs", "TokenLogprob"]
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
@@ -28,6 +28,18 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k: each emitted token's log-probability and the k most likely ids
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (such a prompt skips the
     # prefix cache: a cached position's logits were never computed)
+    # logit adjustments, applied in vLLM's order before temperature (logprobs stay the model's raw ones):
+    min_tokens: int = 0  # stop tokens cannot end the request before this many completion tokens (vLLM's)
+    logit_bias: dict[int, float] | None = None  # added to those ids' logits, each in [-100, 100] (OpenAI's)
+    repetition_penalty: float = 1.0  # ids seen in prompt or output: logit / it if > 0, else * it (HF, vLLM)
+    frequency_penalty: float = 0.0  # minus it x how often the id was generated (OpenAI's; output only)
+    presence_penalty: float = 0.0  # minus it once the id was generated (OpenAI's; output only)
+    min_p: float = 0.0  # after temperature, drop ids less likely than min_p x the most likely one (vLLM's)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.min_tokens or self.logit_bias or self.repetition_penalty != 1 or self.frequency_penalty
+                    or self.presence_penalty)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field; None for top_p / top_k / stop means "off" (HTTP bodies)."""
@@ -53,6 +65,54 @@ class SamplingParams:
                  f"must be None or an integer in [0, {MAX_LOGPROBS}]")
         need(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 1 << 64), "seed",
              "must be None or an integer in [0, 2**64) (torch.Generator's range)")
+        need(type(self.min_tokens) is int and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+             f"must be an integer in [0, max_tokens = {self.max_tokens}]")
+        self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None
+        need(all(k >= 0 and -100 <= v <= 100 for k, v in (self.logit_bias or {}).items()), "logit_bias",
+             "maps token ids >= 0 to biases in [-100, 100]")
+        need(0 < self.repetition_penalty <= 10, "repetition_penalty", "must be in (0, 10] (1 is off)")
+        for name in ("frequency_penalty", "presence_penalty"):
+            need(-2 <= getattr(self, name) <= 2, name, "must be in [-2, 2] (0 is off), as OpenAI allows")
+        need(0 <= self.min_p <= 1, "min_p", "must be in [0, 1] (0 is off)")
+
+
+class LogitAdjuster:
+    """One request's logit adjustments and the history they need, kept on the logits' device: the seen-ids mask
+    and output counts grow by one scatter per emitted token, and applying them never syncs with the host."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], stop_ids: list[int], vocab: int,
+                 device: torch.device):
+        self.p = params
+        ids = lambda xs: torch.tensor(list(xs), device=device, dtype=torch.long)
+        self.stop = ids(stop_ids) if params.min_tokens and stop_ids else None
+        bias = params.logit_bias or {}
+        self.bias_ids, self.bias = ids(bias), torch.tensor(list(bias.values()), device=device)
+        self.seen = None
+        if params.repetition_penalty != 1:
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self.seen[ids(prompt_ids)] = True
+        self.counts = torch.zeros(vocab, device=device) if params.frequency_penalty or params.presence_penalty \
+            else None
+
+    def add(self, token: int) -> None:
+        """An emitted token joins the history."""
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
+
+    def apply(self, row: torch.Tensor, generated: int) -> None:
+        """Adjust one row of logits [V] in place, `generated` completion tokens into the request."""
+        p = self.p
+        if self.stop is not None and generated < p.min_tokens:
+            row[self.stop] = float("-inf")
+        if len(self.bias):
+            row.index_add_(0, self.bias_ids, self.bias)
+        if self.seen is not None:
+            rp = p.repetition_penalty
+            row.copy_(torch.where(self.seen, torch.where(row > 0, row / rp, row * rp), row))
+        if self.counts is not None:
+            row -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0)
 
 
 def stop_split(tokenizer, pending: list[int], stops: tuple[str, ...]) -> tuple[list[int], list[int], bool]:
@@ -81,7 +141,7 @@ def stop_split(tokenizer, pending: list[int], stops: tuple[str, ...]) -> tuple[l
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]) -> torch.Tensor:
-    """Temperature, top-k, top-p, then one draw per row by inverting the CDF with a uniform from the row's
+    """Temperature, min-p, top-k, top-p, then one draw per row by inverting the CDF with a uniform from the row's
     request generator (seeded requests repeat): no multinomial host sync, and one random number per row where
     Exp(1) noise over the vocabulary cost more than the decode step of a small model on CPU (0.7 ms for 32K
     ids). Rows with temperature 0 are greedy."""
@@ -90,6 +150,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
     temps = [p.temperature for p in params]
     temp = torch.tensor(temps, device=dev, dtype=torch.float32)
     x = logits if all(t == 1 for t in temps) else logits / temp.clamp_min(1e-6)[:, None]
+    if any(p.min_p > 0 for p in params):  # before top-k / top-p, as vLLM: relative to the most likely id
+        min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=torch.float32)
+        probs = x.softmax(-1)
+        x = x.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
     if any(p.top_k > 0 or p.top_p < 1 for p in params):
         top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=dev)
         top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)

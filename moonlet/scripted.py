@@ -102,6 +102,8 @@ class ScriptedEngine:
                ) -> ScriptedRequest:
         if params.logprobs is not None or params.prompt_logprobs is not None:
             raise ValueError("--script replays text without a model: there are no logprobs to report")
+        if params.adjusts_logits or params.min_p:
+            raise ValueError("--script replays text without a model: there are no logits to penalize or bias")
         tok = self.tokenizer
         text = tok.decode(prompt_ids)
         last = text.rsplit("<|im_end|>", 1)[0].rsplit("<|im_middle|>", 1)[-1]

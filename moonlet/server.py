@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from moonlet.openai_api import (
+    ADJUSTMENTS,
     APIError,
     Choice,
     TextChoice,
@@ -334,7 +335,8 @@ class Handler(BaseHTTPRequestHandler):
                                         seed=seed, max_tokens=req["max_tokens"], stop=req["stop"],
                                         stop_token_ids=req["stop_token_ids"], ignore_eos=req["ignore_eos"],
                                         logprobs=req["logprobs"], prompt_logprobs=req["prompt_logprobs"],
-                                        max_thinking_tokens=req["max_thinking_tokens"])
+                                        max_thinking_tokens=req["max_thinking_tokens"],
+                                        **{k: req[k] for k in ADJUSTMENTS})
                 choices.append(choose(i, self.server.engine.submit(prompt, params, listener)))
         except BaseException:
             for c in choices:

@@ -219,6 +219,55 @@ def test_prompt_logprobs_are_hf_transformers_log_softmax_of_every_prompt_token(t
     assert [x.logprob for x in only.prompt_logprobs[1:]] == pytest.approx([x.logprob for x in reqs[1].prompt_logprobs[1:]])
 
 
+def test_penalties_bias_and_min_tokens_give_hf_transformers_greedy_tokens(tiny_hf_checkpoint):
+    """Batched together, each request's logit adjustments act on its own row only, and each gives the greedy tokens
+    of HF transformers' generate with the same setting: repetition_penalty, logit_bias (HF's sequence_bias of
+    single ids) and min_tokens (HF's min_new_tokens, which keeps the stop token away)."""
+    path, hf = tiny_hf_checkpoint()
+    model = moonlet.load(path)
+    ps = prompts(4, [12, 9, 10, 7], seed=4, vocab=hf.config.vocab_size)
+    eng = Engine(model, max_batch_size=4, max_seq_len=64)
+    free = [r.output_ids for r in eng.generate(ps, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))]
+    eos = free[2][2]  # the model's third token: as a stop token it ends request 2 after two tokens, unless min_tokens
+    bias = {free[1][0]: -100.0, free[1][5]: 4.0}
+    cases = [(dict(repetition_penalty=1.5), dict(repetition_penalty=1.5)),
+             (dict(logit_bias=bias), dict(sequence_bias={(k,): v for k, v in bias.items()})),
+             (dict(min_tokens=6, stop_token_ids=(eos,)), dict(min_new_tokens=6, eos_token_id=eos)),
+             ({}, {})]
+    reqs = [eng.submit(p, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, **ours))
+            for p, (ours, _) in zip(ps, cases)]
+    for p, r, (_, theirs) in zip(ps, reqs, cases):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0,
+                              **({"min_new_tokens": 16} | theirs))[0, len(p):].tolist()
+        if "eos_token_id" in theirs and ref[-1] == eos:
+            ref = ref[:-1]  # HF keeps the stop token; moonlet (like vLLM) does not
+        assert r.result().output_ids == ref
+    assert reqs[3].output_ids == free[3] and all(r.output_ids != f for r, f in zip(reqs[:3], free))
+    stopped = eng.submit(ps[2], SamplingParams(temperature=0, max_tokens=16, stop_token_ids=(eos,))).result()
+    assert stopped.output_ids == free[2][:2]
+
+
+def test_frequency_and_presence_penalties_follow_openais_formula(tiny_hf_checkpoint):
+    """OpenAI's definition: logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty, counts over
+    the generated tokens only; checked greedy against that formula on HF transformers' logits, step by step."""
+    path, hf = tiny_hf_checkpoint()
+    eng = Engine(moonlet.load(path), max_batch_size=2, max_seq_len=64)
+    p = prompts(1, [10], seed=5, vocab=hf.config.vocab_size)[0]
+    for freq, pres in ((0.8, 0.0), (0.3, 1.5)):
+        r = eng.submit(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, frequency_penalty=freq,
+                                         presence_penalty=pres)).result()
+        out: list[int] = []
+        for _ in range(12):
+            with torch.no_grad():
+                logits = hf(torch.tensor([p + out])).logits[0, -1]
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.numel()).float()
+            out.append(int((logits - freq * counts - pres * (counts > 0)).argmax()))
+        assert r.output_ids == out
+    free = eng.submit(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)).result().output_ids
+    assert free != out and len(set(free)) < len(set(out))  # the penalty spread the tokens out
+
+
 def test_a_forced_think_end_gets_the_models_logprob_of_it(tiny, tok):
     from moonlet.chat import render_ids
 
@@ -320,6 +369,11 @@ def test_sample_follows_the_distribution_and_top_p_cuts_the_tail():
     assert cold.tolist() == [0] * 5
     holes = torch.tensor([[0.0, float("-inf"), 0.0, float("-inf")]]).repeat(4000, 1)  # ids 1, 3: probability 0
     assert set(sample(holes, [SamplingParams()] * 4000, gens).tolist()) == {0, 2}
+    floor = sample(logits, [SamplingParams(min_p=0.5)] * 4000, gens)  # keeps p >= 0.25: {0.5, 0.3}
+    freq = torch.bincount(floor, minlength=4).float() / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.625, 0.375, 0, 0]), atol=0.03, rtol=0)
+    hot = sample(logits, [SamplingParams(temperature=2.0, min_p=0.5)] * 4000, gens)  # after temperature: 0.15 stays
+    assert set(hot.tolist()) == {0, 1, 2}
 
 
 @pytest.mark.parametrize("vocab", [5, 256, 1000, 4099])  # under, at, and off a whole number of blocks

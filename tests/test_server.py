@@ -465,12 +465,16 @@ def test_prompt_over_the_context_limit_gets_400(real):
 
 @pytest.mark.parametrize("kw", [{"temperature": 2.5}, {"top_p": 0}, {"n": 0}, {"n": 1000}, {"max_tokens": 0},
                                 {"max_tokens": "ten"}, {"stop": [""]}, {"tool_choice": "sometimes"},
-                                {"presence_penalty": 1.0}, {"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21},
+                                {"presence_penalty": 2.5}, {"min_p": 1.5}, {"repetition_penalty": 0},
+                                {"logit_bias": {"ten": 1}}, {"logit_bias": {"5": 101}}, {"logit_bias": {"99999999": 1}},
+                                {"min_tokens": 5}, {"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21},
                                 {"messages": []},
                                 {"messages": [{"role": "wizard", "content": "hi"}]},
                                 {"messages": user("hi") + [{"role": "assistant", "tool_calls": True}]}])
 def test_out_of_range_parameters_get_400_naming_the_field(real, kw):
-    args = {"model": "tiny", "messages": user("hi"), "max_tokens": 2} | kw
+    extra = {k: v for k, v in kw.items() if k in ("min_p", "repetition_penalty", "min_tokens")}  # vLLM's
+    args = {"model": "tiny", "messages": user("hi"), "max_tokens": 2} | {k: v for k, v in kw.items() if k not in extra}
+    args |= {"extra_body": extra} if extra else {}
     with pytest.raises(openai.BadRequestError) as e:
         real.chat.completions.create(**args)
     body = e.value.body

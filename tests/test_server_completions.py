@@ -160,6 +160,30 @@ def test_return_token_ids_gives_the_prompt_and_output_ids_streamed_or_not(client
     assert e.value.body["param"] == "return_token_ids"
 
 
+def test_penalties_and_logit_bias_reach_the_engine(client, tok):
+    """OpenAI's presence/frequency penalties and logit_bias, and vLLM's repetition_penalty, min_p and min_tokens,
+    give what the same SamplingParams give the engine in process (checked against HF transformers in
+    test_engine); a +100 bias makes a token the only one."""
+    import moonlet
+    from moonlet.engine import Engine, SamplingParams
+
+    text = "The capital of France"
+    ids = tok.encode(text)
+    eng = Engine(moonlet.load("tiny"), tok, max_seq_len=64)
+    settings = [dict(frequency_penalty=1.2, presence_penalty=0.5), dict(repetition_penalty=1.4),
+                dict(min_tokens=6, temperature=0.8, min_p=0.2, seed=3)]
+    for kw in settings:
+        want = eng.submit(ids, SamplingParams(**{"temperature": 0, "max_tokens": 8} | kw)).result().output_ids
+        body = {"return_token_ids": True} | {k: v for k, v in kw.items() if k not in ("temperature", "seed")}
+        got = client.completions.create(model="tiny", prompt=text, max_tokens=8, temperature=kw.get("temperature", 0),
+                                        seed=kw.get("seed"), extra_body=body).choices[0]
+        assert got.token_ids == want
+    word = tok.encode(" Paris")[0]
+    c = client.completions.create(model="tiny", prompt=text, max_tokens=5, temperature=1.0,
+                                  logit_bias={str(word): 100}, extra_body={"return_token_ids": True}).choices[0]
+    assert c.token_ids == [word] * 5
+
+
 def test_a_batch_of_prompts_gives_n_choices_each_in_prompt_order(client, tok):
     a, b = "The capital of France", "import numpy as np"
     one = {p: client.completions.create(prompt=p, **GREEDY).choices[0].text for p in (a, b)}
