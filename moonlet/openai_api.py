@@ -47,14 +47,19 @@ def _tool_names(tools: list[dict]) -> list[str]:
     return [t["function"]["name"] for t in tools]
 
 
-def _sampling(body: Any, model_name: str, max_model_len: int) -> dict:
-    """The fields chat and text completions share: model, sampling, stop, stream, n."""
+def _check_body(body: Any, model_name: str) -> None:
+    """Every POST route's body: a JSON object naming this server's model or none."""
     if not isinstance(body, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(body).__name__}")
     model = body.get("model")
     if model is not None and model != model_name:
         raise APIError(404, f"The model '{model}' does not exist; this server serves '{model_name}'",
                        "model", "model_not_found")
+
+
+def _sampling(body: Any, model_name: str, max_model_len: int) -> dict:
+    """The fields chat and text completions share: model, sampling, stop, stream, n."""
+    _check_body(body, model_name)
     bias = body.get("logit_bias") or {}
     if not isinstance(bias, dict) or len(bias) > 300 or not all(
             isinstance(k, str) and k.isdigit() and isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -102,10 +107,8 @@ def _sampling(body: Any, model_name: str, max_model_len: int) -> dict:
     }
 
 
-def validate(body: Any, model_name: str, max_model_len: int, default_max_tokens: int) -> dict:
-    """A chat-completions body -> the fields the server acts on; raises APIError (4xx) for anything it cannot
-    serve."""
-    req = _sampling(body, model_name, max_model_len)
+def _conversation(body: dict) -> tuple[list[dict], list[dict] | None]:
+    """A chat body's messages (developer read as system, `reasoning` as `reasoning_content`) and tools."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise APIError(400, "'messages' must be a non-empty list of message objects", "messages")
@@ -126,6 +129,14 @@ def validate(body: Any, model_name: str, max_model_len: int, default_max_tokens:
                 isinstance(t, dict) and isinstance(t.get("function"), dict)
                 and isinstance(t["function"].get("name"), str) and t["function"]["name"] for t in tools):
             raise APIError(400, "'tools' must be a list of {'type': 'function', 'function': {'name': ...}}", "tools")
+    return messages, tools
+
+
+def validate(body: Any, model_name: str, max_model_len: int, default_max_tokens: int) -> dict:
+    """A chat-completions body -> the fields the server acts on; raises APIError (4xx) for anything it cannot
+    serve."""
+    req = _sampling(body, model_name, max_model_len)
+    messages, tools = _conversation(body)
     choice = body.get("tool_choice")
     if choice is None:
         choice = "auto"
@@ -194,6 +205,42 @@ def validate_completion(body: Any, model_name: str, max_model_len: int) -> dict:
                   "prompt_logprobs": max((k for k in (req["prompt_logprobs"], logprobs if echo else None)
                                           if k is not None), default=None),  # echo + logprobs scores the prompt too
                   "max_tokens": max_tokens}
+
+
+def tokenize(body: Any, model_name: str, tokenizer, max_model_len: int) -> dict:
+    """vLLM's POST /tokenize: a `prompt` as /v1/completions reads it, or `messages` (+ `tools`) as the chat route
+    renders them -> {count, max_model_len, tokens[, token_strs]}: what a client counts its context with."""
+    from moonlet import chat
+
+    _check_body(body, model_name)
+    if ("prompt" in body) == ("messages" in body):
+        raise APIError(400, "give either 'prompt' (text) or 'messages' (a chat)", "prompt")
+    if "prompt" in body:
+        if not isinstance(body["prompt"], str):
+            raise APIError(400, "'prompt' must be a string", "prompt")
+        ids = tokenizer.encode(body["prompt"], allow_special=True)
+    else:
+        messages, tools = _conversation(body)
+        gen = body.get("add_generation_prompt", True)
+        if not isinstance(gen, bool):
+            raise APIError(400, f"'add_generation_prompt' must be a boolean, got {gen!r}", "add_generation_prompt")
+        try:
+            ids, _ = chat.render_ids(messages, tokenizer, tools=tools, add_generation_prompt=gen)
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from e
+    out = {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
+    if body.get("return_token_strs"):
+        out["token_strs"] = [token_text(tokenizer, t)[0] for t in ids]
+    return out
+
+
+def detokenize(body: Any, model_name: str, tokenizer) -> dict:
+    """vLLM's POST /detokenize: {tokens} -> {prompt}, the text with special tokens by name."""
+    _check_body(body, model_name)
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < tokenizer.vocab_size for t in ids):
+        raise APIError(400, f"'tokens' must be a list of token ids in [0, {tokenizer.vocab_size})", "tokens")
+    return {"prompt": tokenizer.decode(ids)}
 
 
 def completion_prompts(req: dict, tokenizer, max_model_len: int) -> list[list[int]]:

@@ -53,6 +53,8 @@ from moonlet.openai_api import (
     TextChoice,
     build_prompt,
     completion_prompts,
+    detokenize,
+    tokenize,
     usage_of,
     validate,
     validate_completion,
@@ -280,14 +282,18 @@ class Handler(BaseHTTPRequestHandler):
         try:
             raw = self._read_body(required=True)
             self._auth()
-            if path not in ("/v1/chat/completions", "/v1/completions"):
-                raise APIError(404, f"no route POST {path}; moonlet serves POST /v1/chat/completions and "
-                               "/v1/completions", None, "not_found")
+            if path not in ("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"):
+                raise APIError(404, f"no route POST {path}; moonlet serves POST /v1/chat/completions, "
+                               "/v1/completions, /tokenize and /detokenize", None, "not_found")
             try:
                 body = json.loads(raw)
             except (ValueError, RecursionError) as e:  # RecursionError: nested too deep to parse
                 raise APIError(400, f"request body is not valid JSON: {e}", None, "invalid_json") from e
             s = self.server
+            if path == "/tokenize":  # vLLM's: what a client counts its context with
+                return self._json(200, tokenize(body, s.model_name, s.tokenizer, s.max_model_len))
+            if path == "/detokenize":
+                return self._json(200, detokenize(body, s.model_name, s.tokenizer))
             if path == "/v1/chat/completions":
                 req = validate(body, s.model_name, s.max_model_len, s.default_max_tokens)
                 prompt, prefix = build_prompt(req, s.tokenizer, s.max_model_len)

@@ -184,6 +184,46 @@ def test_penalties_and_logit_bias_reach_the_engine(client, tok):
     assert c.token_ids == [word] * 5
 
 
+def test_tokenize_counts_what_each_route_feeds_the_model_and_detokenize_inverts_it(client, tok):
+    """vLLM's /tokenize and /detokenize: a prompt's tokens are what /v1/completions reads, a chat's (with tools)
+    are the prompt the chat route renders, and the counts equal those routes' usage.prompt_tokens."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    root = str(client.base_url).rstrip("/").removesuffix("/v1")
+
+    def post(path: str, body: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(root + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
+
+    text = "<|im_user|>user<|im_middle|>Hi there"
+    t = post("/tokenize", {"model": "tiny", "prompt": text, "return_token_strs": True})[1]
+    assert t["tokens"] == tok.encode(text, allow_special=True) and t["max_model_len"] == MAX_LEN
+    assert t["count"] == client.completions.create(model="tiny", prompt=text, max_tokens=1).usage.prompt_tokens
+    assert "".join(t["token_strs"]) == text
+    tools = [{"type": "function", "function": {"name": "add", "description": "a + b", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}}}}]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    c = post("/tokenize", {"messages": messages, "tools": tools})[1]
+    r = client.chat.completions.create(model="tiny", messages=messages, tools=tools, max_tokens=1,
+                                       extra_body={"return_token_ids": True})
+    assert c["tokens"] == r.prompt_token_ids and c["count"] == r.usage.prompt_tokens
+    bare = post("/tokenize", {"messages": messages, "add_generation_prompt": False})[1]["tokens"]
+    assert len(bare) < c["count"]
+    assert post("/detokenize", {"tokens": t["tokens"]}) == (200, {"prompt": text})
+    for path, body, param in [("/tokenize", {"prompt": "a", "messages": messages}, "prompt"),
+                              ("/tokenize", {"messages": [{"role": "wizard"}]}, "messages[0].role"),
+                              ("/detokenize", {"tokens": [10 ** 9]}, "tokens"),
+                              ("/tokenize", {"model": "other", "prompt": "a"}, "model")]:
+        status, bad = post(path, body)
+        assert status in (400, 404) and bad["error"]["param"] == param
+
+
 def test_a_batch_of_prompts_gives_n_choices_each_in_prompt_order(client, tok):
     a, b = "The capital of France", "import numpy as np"
     one = {p: client.completions.create(prompt=p, **GREEDY).choices[0].text for p in (a, b)}
