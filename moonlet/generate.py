@@ -50,9 +50,10 @@ def _load_model(args: argparse.Namespace):
     return moonlet.load(args.model, device=device, dtype=dtype)
 
 
-COMPILE_HELP = ("torch.compile the decode step where no CUDA graphs run (CPU: 1.1-1.6x faster steady-state decode "
-                "on small models, measured with `bench decode --compile`, after a compile of 10-60 s per batch / "
-                "context bucket: worth it for long runs and servers; same as MOONLET_COMPILE=1)")
+COMPILE_HELP = ("torch.compile the decode step (CUDA: the step each CUDA graph captures; CPU: 1.1-1.6x faster "
+                "steady-state decode on small models, measured with `bench decode --compile`) after a compile of "
+                "10-60 s or more per batch / context bucket: worth it for long runs and servers; same as "
+                "MOONLET_COMPILE=1")
 
 
 def _common(ap: argparse.ArgumentParser, model_default: str | None = None) -> None:
@@ -164,7 +165,7 @@ def cli_generate(argv: list[str]) -> int:
     n_decode = req.usage["completion_tokens"] - 1  # tokens after the first, which the prefill produced
     speed = n_decode / (dt - ttft) if n_decode > 0 and dt > ttft else 0.0
     compiled = " (including the decode step's compile: see bench decode --compile)" if \
-        engine.decoder.mode == "compiled" else ""
+        "compiled" in engine.decoder.mode else ""
     print(f"[{req.finish_reason}; {req.usage}; first token after {ttft:.2f} s, then {speed:.1f} tokens/s{compiled}]",
           file=sys.stderr)
     if req.error:

@@ -401,7 +401,8 @@ class Decoder:
     Elsewhere it runs eagerly, or, opted in with compile=True (default: environment MOONLET_COMPILE=1),
     through torch.compile with the same bucketed static shapes: a small model's step then runs a few fused
     C++ kernels instead of ~280 dispatched ops (2-3x faster on CPU), after a compile of 10-60 s for each
-    bucket it meets. The whole step must be one graph (fullgraph): a step with graph breaks was slower than
+    bucket it meets. On CUDA compile=True compiles the step that each graph captures: fused kernels, fewer
+    of them (a graph removes launch overhead, not the many small kernels of an eager step). The whole step must be one graph (fullgraph): a step with graph breaks was slower than
     eager, so a break falls back to eager with a warning. Padding rows write to the cache's scratch position
     (the last one, never a real token's)."""
 
@@ -414,14 +415,15 @@ class Decoder:
         self.pool = None
         if compile is None:
             compile = os.environ.get("MOONLET_COMPILE") == "1"
-        compile = compile and not self.use_graphs
         self.compiled = torch.compile(decode_step, dynamic=False, fullgraph=True) if compile else None
         self.plan = DecodePlan(model, cache.shape[2])
 
     @property
     def mode(self) -> str:
-        """How steps run now: "cuda_graphs", "compiled" or "eager" (either falls back to eager on failure)."""
-        return "cuda_graphs" if self.use_graphs else "compiled" if self.compiled is not None else "eager"
+        """How steps run now: "cuda_graphs" (of a "compiled" step: "cuda_graphs+compiled"), "compiled" or "eager"
+        (each falls back to eager on failure)."""
+        compiled = "compiled" if self.compiled is not None else ""
+        return "+".join(filter(None, ["cuda_graphs" if self.use_graphs else "", compiled])) or "eager"
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, n_keys: int) -> torch.Tensor:
         if not self.plan.fresh():  # the weights changed: re-fuse them (and recapture graphs)
@@ -431,7 +433,7 @@ class Decoder:
             return decode_step(self.model, tokens, positions, self.cache, n_keys, self.plan)
         B = tokens.shape[0]
         key = (_bucket(B, 1, self.cache.shape[1]), _bucket(n_keys, 256, self.cache.shape[2]))
-        if self.compiled is not None:
+        if self.compiled is not None and not self.use_graphs:
             pad = key[0] - B
             tok = torch.cat([tokens, tokens.new_zeros(pad)]) if pad else tokens
             pos = torch.cat([positions, positions.new_full((pad,), self.scratch)]) if pad else positions
@@ -458,6 +460,18 @@ class Decoder:
         return out[:B]
 
     def _capture(self, B: int, S: int) -> tuple:
+        if self.compiled is None:
+            return self._capture_step(decode_step, B, S)
+        try:
+            return self._capture_step(self.compiled, B, S)
+        except Exception as e:  # the compile failed (or its kernels cannot be captured): capture the eager step
+            warnings.warn(f"moonlet engine: torch.compile under CUDA graphs failed ({e}); capturing the eager "
+                          "step", stacklevel=3)
+            self.compiled = None
+            torch.cuda.synchronize()
+            return self._capture_step(decode_step, B, S)
+
+    def _capture_step(self, step, B: int, S: int) -> tuple:
         dev = self.cache.device
         tok = torch.zeros(B, dtype=torch.long, device=dev)
         pos = torch.full((B,), self.scratch, dtype=torch.long, device=dev)
@@ -465,13 +479,13 @@ class Decoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up kernels, cuBLAS handles and the model's rope table
             for _ in range(2):
-                decode_step(self.model, tok, pos, self.cache, S, self.plan)
+                step(self.model, tok, pos, self.cache, S, self.plan)
         torch.cuda.current_stream().wait_stream(stream)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = decode_step(self.model, tok, pos, self.cache, S, self.plan)
+            out = step(self.model, tok, pos, self.cache, S, self.plan)
         return graph, tok, pos, out
 
 

@@ -114,6 +114,11 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
     return None
 
 
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float) -> float:
+    """Model FLOPs utilization to 3 significant digits (a tiny test model's 4e-5 is not rounded to 0)."""
+    return float(f"{flops_per_token * tokens_per_s / peak:.3g}")
+
+
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """3 x forward FLOPs on *active* parameters, attention over the full context (PaLM's MFU convention)."""
     from moonlet.costs import flops_per_token
@@ -362,7 +367,7 @@ def train(tc: TrainConfig) -> dict:
             tokens = per_step * tc.seq_len
             rec.update(tokens=step * tokens, tokens_per_s=round(tokens / dt, 1), step_s=round(dt, 4))
             if peak:
-                rec["mfu"] = round(flops_tok * tokens / dt / peak, 4)
+                rec["mfu"] = mfu(flops_tok, tokens / dt, peak)
             if val is not None and step % tc.eval_every == 0:
                 rec["eval_loss"] = last_eval = evaluate(model, val, tc, device, autocast)
             losses.append(rec["loss"])

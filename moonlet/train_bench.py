@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from moonlet import optim
 from moonlet.bench import top_kernels
 from moonlet.checkpoint import model_config
-from moonlet.train import peak_flops, train_flops_per_token
+from moonlet.train import mfu, peak_flops, train_flops_per_token
 
 
 def _time_steps(step_fn, steps: int, warmup: int, device: torch.device) -> float:
@@ -110,7 +110,7 @@ def bench_train(preset: str, batch: int, seq_len: int, steps: int, warmup: int, 
     def report(sec: float) -> dict:
         r = {"step_s": round(sec, 4), "tokens_per_s": round(tokens / sec, 1)}
         if peak:
-            r["mfu"] = round(flops_tok * tokens / sec / peak, 4)
+            r["mfu"] = mfu(flops_tok, tokens / sec, peak)
         if device.type == "cuda":
             r["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
             torch.cuda.empty_cache()

@@ -36,7 +36,7 @@ def full_forward_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids, out = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
-            out.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            out.append(int(model(torch.tensor([ids], device=model.embed_tokens.weight.device))[0, -1].argmax()))
             ids.append(out[-1])
     return out
 
@@ -684,6 +684,18 @@ def test_cuda_graph_decode_equals_eager_decode():
     graphs = Engine(model, max_batch_size=4, max_seq_len=128, cuda_graphs=True).generate(ps, params)
     eager = Engine(model, max_batch_size=4, max_seq_len=128, cuda_graphs=False).generate(ps, params)
     assert [r.output_ids for r in graphs] == [r.output_ids for r in eager]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_of_the_compiled_step_give_the_eager_tokens():
+    """compile=True on CUDA: each graph captures the torch.compile'd step (fused kernels, fewer of them)."""
+    model = moonlet.load("tiny", device="cuda", dtype=torch.float32)
+    ps = prompts(3, [9, 30, 17], seed=11)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    engine = Engine(model, max_batch_size=4, max_seq_len=128, cuda_graphs=True, compile=True)
+    out = engine.generate(ps, params)
+    assert engine.decoder.mode == "cuda_graphs+compiled", "compile fell back to eager"
+    assert [r.output_ids for r in out] == [full_forward_greedy(model, p, 12) for p in ps]
 
 
 # --------------------------------------------------------------------------------------------- command line

@@ -17,12 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_checks_script_runs_its_decode_and_train_stages_on_tiny_shapes(tmp_path):
     env = os.environ | {"MOONLET_GPU_SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
-    for stage in ("decode", "train"):
+    for stage in ("decode", "train", "decode-compile"):
         run = subprocess.run(["bash", "scripts/gpu_checks.sh", stage], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     stages = (tmp_path / "stages.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in stages] == ["== decode", "== train"] and all("exit 0" in s for s in stages)
+    assert [line.split(":")[0] for line in stages] == ["== decode", "== train", "== decode_compile"]
+    assert all("exit 0" in s for s in stages)
+    compiled = json.loads((tmp_path / "decode_compile.log").read_text().splitlines()[-1])
+    assert {r["moonlet_decode"] for r in compiled["results"]} == {"compiled"}  # CPU: no graphs
     decode = json.loads((tmp_path / "decode.log").read_text().splitlines()[-1])
     rows = {(r["quant"], r["batch"]): r for r in decode["results"]}
     assert set(rows) == {("none", 1), ("none", 2), ("int4", 1), ("int4", 2)}
