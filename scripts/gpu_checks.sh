@@ -62,17 +62,17 @@ case "${1:-all}" in
     tests 120 || rc=1
     cat "$out/stages.txt"
     exit $rc ;;
-  decode) decode 580 ;;
-  train) train 580 ;;
-  tests) tests 580 ;;
+  decode) decode "${2:-580}" ;;
+  train) train "${2:-580}" ;;
+  tests) tests "${2:-580}" ;;
   decode-compile)  # the step's many small kernels fused (the first run: eager-step graphs at 16% of HBM roofline)
     stage decode_compile "${2:-330}" "$py" -m moonlet.cli bench decode --model "$decode_model" --dtype bf16 \
-      --batch "$batches" --prompt-len "$prompt" --new-tokens "$new" --compile --repeats 2 --json ;;
+      --batch "$batches" --prompt-len "$prompt" --new-tokens "$new" --compile --quant none,int4 --repeats 2 --json ;;
   train-compile)  # the same step under torch.compile (compiling happens in the untimed warm-up)
     # shellcheck disable=SC2086
     stage train_compile 580 "$py" -m moonlet.cli bench train --preset "$train_preset" $train_shape --compile --json ;;
   train-nopad)  # MLA's v unpadded: SDPA's memory-efficient kernel instead of flash
     export MOONLET_SDPA_PAD_V=0  # shellcheck disable=SC2086
     stage train_nopad 580 "$py" -m moonlet.cli bench train --preset "$train_preset" $train_shape --json ;;
-  *) echo "usage: $0 all|decode|train|tests|decode-compile [seconds]|train-compile|train-nopad" >&2; exit 2 ;;
+  *) echo "usage: $0 all | decode|train|tests|decode-compile [seconds] | train-compile|train-nopad" >&2; exit 2 ;;
 esac

@@ -181,6 +181,27 @@ def test_every_triton_gemv_tile_the_autotuner_may_pick_matches_the_reference(til
     assert torch.allclose(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
 
 
+@pytest.mark.triton
+@pytest.mark.slow
+def test_torch_compile_calls_the_triton_experts_as_one_opaque_op():
+    """The compiled decode step (CUDA graphs of it) must not trace into autotuned Triton launches: the kernels
+    sit behind the custom op moonlet::w4a16_swiglu, whose fake gives the output's shape."""
+    dev = "cuda" if CUDA else "cpu"
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    experts = packed_experts(device=dev)
+    counts = torch.tensor([1, 0, 2, 0, 0, 1], device=dev)
+    xs = torch.randn(4, 128, generator=torch.Generator().manual_seed(2)).to(dev, dtype)
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def step(xs, counts, *weights):
+        return torch.ops.moonlet.w4a16_swiglu(xs * 1.0, counts, *weights) + 1.0
+
+    out = step(xs, counts, *args(experts, dtype)) - 1.0
+    ref = dense_reference(xs.float(), counts, experts, torch.float32)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+
+
 @pytest.mark.skipif(not aot.nvidia_backend(), reason="needs Triton with its NVIDIA backend (ptxas, cuobjdump)")
 def test_every_triton_launch_configuration_compiles_for_hopper_without_register_spills():
     """No GPU needed: Triton compiles for sm_90 and cuobjdump reads registers and stack (where spills go) off the

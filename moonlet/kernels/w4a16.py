@@ -43,7 +43,8 @@ def w4a16_grouped_swiglu(xs: torch.Tensor, counts: torch.Tensor, gate_packed: to
     """xs [M, D] sorted by expert, counts [E] -> down(silu(gate(x)) * up(x)) [M, D] with int4 expert weights."""
     group_size = xs.shape[-1] // gate_scale.shape[-1]
     if use_triton(xs, group_size):
-        return triton_grouped_swiglu(xs, counts, gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale)
+        return torch.ops.moonlet.w4a16_swiglu(xs, counts, gate_packed, gate_scale, up_packed, up_scale, down_packed,
+                                              down_scale)
     return torch_grouped_swiglu(xs, counts, gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale)
 
 
@@ -121,6 +122,20 @@ def triton_grouped_swiglu(xs, counts, gate_packed, gate_scale, up_packed, up_sca
     xs = xs.contiguous()
     h = _triton_matmul(xs, counts, gate_packed, gate_scale, up_packed, up_scale, gemv_tile)  # silu(gate) * up
     return _triton_matmul(h, counts, down_packed, down_scale, None, None, gemv_tile)
+
+
+@torch.library.custom_op("moonlet::w4a16_swiglu", mutates_args=())
+def _w4a16_swiglu_op(xs: torch.Tensor, counts: torch.Tensor, gate_packed: torch.Tensor, gate_scale: torch.Tensor,
+                     up_packed: torch.Tensor, up_scale: torch.Tensor, down_packed: torch.Tensor,
+                     down_scale: torch.Tensor) -> torch.Tensor:
+    """triton_grouped_swiglu as one opaque op: torch.compile (the compiled decode step each CUDA graph
+    captures) calls it as it is instead of tracing into the autotuned Triton launches."""
+    return triton_grouped_swiglu(xs, counts, gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale)
+
+
+@_w4a16_swiglu_op.register_fake
+def _(xs, counts, gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale):
+    return xs.new_empty(xs.shape[0], down_packed.shape[1])
 
 
 def _block_table(counts: torch.Tensor, M: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
