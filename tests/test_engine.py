@@ -687,15 +687,23 @@ def test_cuda_graph_decode_equals_eager_decode():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graphs_of_the_compiled_step_give_the_eager_tokens():
-    """compile=True on CUDA: each graph captures the torch.compile'd step (fused kernels, fewer of them)."""
-    model = moonlet.load("tiny", device="cuda", dtype=torch.float32)
-    ps = prompts(3, [9, 30, 17], seed=11)
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    engine = Engine(model, max_batch_size=4, max_seq_len=128, cuda_graphs=True, compile=True)
-    out = engine.generate(ps, params)
-    assert engine.decoder.mode == "cuda_graphs+compiled", "compile fell back to eager"
-    assert [r.output_ids for r in out] == [full_forward_greedy(model, p, 12) for p in ps]
+def test_cuda_graphs_of_the_compiled_step_give_the_eager_steps_logits():
+    """compile=True on CUDA: each graph captures the torch.compile'd step (fused kernels, fewer of them). bf16,
+    where the experts run on torch._grouped_mm: fp32 experts loop over a host-side split, which neither
+    compiles whole nor captures (such a decoder warns and runs eagerly). Fusion rounds differently, so the
+    logits are compared within bf16's resolution, not the greedy tokens of a random model."""
+    model = moonlet.load("tiny", device="cuda", dtype=torch.bfloat16)
+    cfg = model.cfg
+    gen = torch.Generator("cuda").manual_seed(0)
+    cache = torch.randn(cfg.num_hidden_layers, 4, 65, cfg.kv_latent_dim, device="cuda", generator=gen) * 0.5
+    tokens = torch.tensor([3, 141, 59], device="cuda")
+    positions = torch.tensor([5, 20, 33], device="cuda")
+    ref = Decoder(model, cache.bfloat16(), use_graphs=False, compile=False)(tokens, positions, 34).float()
+    decoder = Decoder(model, cache.bfloat16(), use_graphs=True, compile=True)
+    out = decoder(tokens, positions, 34).float()
+    assert decoder.mode == "cuda_graphs+compiled", "compile fell back to eager"
+    assert (out - ref).abs().max() <= 3e-2 * ref.abs().max()
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999
 
 
 # --------------------------------------------------------------------------------------------- command line
