@@ -9,6 +9,7 @@
 #   bash scripts/gpu_checks.sh train    # moe-2b training step, batch 8 x 2048, vs HF (target >= 2x, >= 30% MFU)
 #   bash scripts/gpu_checks.sh tests    # the CUDA tests: CUDA-graph decode, Triton kernels, flash SDPA, training
 #   bash scripts/gpu_checks.sh decode-compile  # bf16 decode with each CUDA graph capturing the compiled step
+#   bash scripts/gpu_checks.sh int4-gemv-rows  # decode-compile at batch 16 with the INT4 GEMV for up to 128 rows
 #   bash scripts/gpu_checks.sh train-compile   # moonlet's steps under torch.compile
 #   bash scripts/gpu_checks.sh train-nopad     # moonlet's steps without padding v for flash SDPA (to compare)
 # MOONLET_GPU_SMOKE=1 runs the same commands on tiny shapes (CPU is fine): a check of this script itself
@@ -68,11 +69,15 @@ case "${1:-all}" in
   decode-compile)  # the step's many small kernels fused (the first run: eager-step graphs at 16% of HBM roofline)
     stage decode_compile "${2:-330}" "$py" -m moonlet.cli bench decode --model "$decode_model" --dtype bf16 \
       --batch "$batches" --prompt-len "$prompt" --new-tokens "$new" --compile --quant none,int4 --repeats 2 --json ;;
+  int4-gemv-rows)  # batch 16's 96 token-expert rows on the GEMV instead of the grouped GEMM's padded 16-row tiles
+    MOONLET_W4A16_GEMV_MAX_ROWS=128 stage int4_gemv_rows "${2:-300}" "$py" -m moonlet.cli bench decode \
+      --model "$decode_model" --dtype bf16 --batch "${batches#*,}" --prompt-len "$prompt" --new-tokens "$new" --compile \
+      --quant none,int4 --repeats 2 --json ;;
   train-compile)  # the same step under torch.compile (compiling happens in the untimed warm-up)
     # shellcheck disable=SC2086
     stage train_compile 580 "$py" -m moonlet.cli bench train --preset "$train_preset" $train_shape --compile --json ;;
   train-nopad)  # MLA's v unpadded: SDPA's memory-efficient kernel instead of flash
     export MOONLET_SDPA_PAD_V=0  # shellcheck disable=SC2086
     stage train_nopad 580 "$py" -m moonlet.cli bench train --preset "$train_preset" $train_shape --json ;;
-  *) echo "usage: $0 all | decode|train|tests|decode-compile [seconds] | train-compile|train-nopad" >&2; exit 2 ;;
+  *) echo "usage: $0 all | decode|train|tests|decode-compile|int4-gemv-rows [seconds] | train-compile|train-nopad" >&2; exit 2 ;;
 esac

@@ -17,12 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_checks_script_runs_its_decode_and_train_stages_on_tiny_shapes(tmp_path):
     env = os.environ | {"MOONLET_GPU_SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
-    for stage in ("decode", "train", "decode-compile"):
+    for stage in ("decode", "train", "decode-compile", "int4-gemv-rows"):
         run = subprocess.run(["bash", "scripts/gpu_checks.sh", stage], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     stages = (tmp_path / "stages.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in stages] == ["== decode", "== train", "== decode_compile"]
+    assert [line.split(":")[0] for line in stages] == ["== decode", "== train", "== decode_compile", "== int4_gemv_rows"]
     assert all("exit 0" in s for s in stages)
     compiled = json.loads((tmp_path / "decode_compile.log").read_text().splitlines()[-1])
     assert {r["moonlet_decode"] for r in compiled["results"]} == {"compiled"}  # CPU: no graphs

@@ -27,9 +27,9 @@ def launch_configs() -> list[tuple[str, object, dict, int, dict]]:
     """(name, kernel, constexprs, num_warps, pointer types) for each configuration a bf16 model launches."""
     out = []
     for swiglu in (True, False):
-        for n, k, warps in w4a16.GEMV_TILES:
-            out.append(("w4a16_gemv", w4a16._w4a16_gemv_kernel.fn, dict(GROUP=32, SWIGLU=swiglu, BLOCK_N=n, BLOCK_K=k),
-                        warps, W4A16_POINTERS))
+        for n, k, warps, words in w4a16.GEMV_TILES:
+            out.append(("w4a16_gemv", w4a16._w4a16_gemv_kernel.fn, dict(GROUP=32, SWIGLU=swiglu, BLOCK_N=n, BLOCK_K=k,
+                                                                       WORDS=words), warps, W4A16_POINTERS))
         for m, n, k, warps in w4a16.GEMM_TILES.values():
             out.append(("w4a16_grouped_gemm", w4a16._w4a16_grouped_gemm_kernel,
                         dict(GROUP=32, SWIGLU=swiglu, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, IEEE=False), warps, W4A16_POINTERS))

@@ -24,10 +24,15 @@ import torch.nn.functional as F
 from moonlet.kernels import HAS_TRITON, tl, triton
 from moonlet.quant import PROJS, dequantize, unpack
 
-DECODE_MAX_ROWS = 16  # up to this many token-expert rows the GEMV path wins (no padding to tl.dot's 16 rows)
-# GEMV tiles (BLOCK_N, BLOCK_K, num_warps) tried on CUDA, all free of register spills on sm_90 (python -m
-# moonlet.kernels.aot; a test holds it); Triton's interpreter (CPU tests) cannot time them and runs the first
-GEMV_TILES = [(32, 128, 4), (16, 256, 4), (8, 512, 4), (4, 1024, 4), (8, 1024, 8), (4, 2048, 8)]
+DECODE_MAX_ROWS = int(os.environ.get("MOONLET_W4A16_GEMV_MAX_ROWS", 16))  # up to this many token-expert rows: GEMV
+# GEMV tiles (BLOCK_N, BLOCK_K, num_warps, WORDS) tried on CUDA, all free of register spills on sm_90 (python -m
+# moonlet.kernels.aot; a test holds it); Triton's interpreter (CPU tests) cannot time them and runs the first.
+# WORDS=0 dequantizes a [BLOCK_N, BLOCK_K] tile (a reshape of the nibbles: a layout change through shared
+# memory); WORDS=1 never unpacks the tile: per nibble j it multiplies the words' j-th values by x's every
+# 8th column and scales each word's sum once (the 8 columns of a word share a scale). The H200's first run
+# timed only WORDS=0 tiles (best: 4 x 1024, ~0.7 TB/s at batch 1); the autotuner keeps whichever is faster.
+GEMV_TILES = [(32, 128, 4, 0), (16, 256, 4, 0), (8, 512, 4, 0), (4, 1024, 4, 0), (8, 1024, 8, 0), (4, 2048, 8, 0),
+              (8, 1024, 4, 1), (16, 512, 4, 1), (16, 1024, 8, 1), (32, 512, 8, 1)]
 # grouped-GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps): few rows per expert (under 32 on average), many
 GEMM_TILES = {"few": (16, 64, 64, 4), "many": (64, 64, 64, 4)}
 
@@ -117,8 +122,8 @@ def torch_grouped_swiglu(xs, counts, gate_packed, gate_scale, up_packed, up_scal
 
 
 def triton_grouped_swiglu(xs, counts, gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale,
-                          gemv_tile: tuple[int, int, int] | None = None):
-    """`gemv_tile` (BLOCK_N, BLOCK_K, num_warps) replaces the autotuned GEMV tile (tests try each one)."""
+                          gemv_tile: tuple[int, int, int, int] | None = None):
+    """`gemv_tile` (BLOCK_N, BLOCK_K, num_warps, WORDS) replaces the autotuned GEMV tile (tests try each one)."""
     xs = xs.contiguous()
     h = _triton_matmul(xs, counts, gate_packed, gate_scale, up_packed, up_scale, gemv_tile)  # silu(gate) * up
     return _triton_matmul(h, counts, down_packed, down_scale, None, None, gemv_tile)
@@ -158,7 +163,7 @@ def _block_table(counts: torch.Tensor, M: int, block_m: int) -> tuple[torch.Tens
 
 def _triton_matmul(x: torch.Tensor, counts: torch.Tensor, p1: torch.Tensor, s1: torch.Tensor,
                    p2: torch.Tensor | None, s2: torch.Tensor | None,
-                   gemv_tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+                   gemv_tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """y = x_e @ W1_e^T, or silu(x_e @ W1_e^T) * (x_e @ W2_e^T) when W2 is given; x [M, K] sorted by expert."""
     M, K = x.shape
     E, N = p1.shape[0], p1.shape[1]
@@ -178,8 +183,8 @@ def _triton_matmul(x: torch.Tensor, counts: torch.Tensor, p1: torch.Tensor, s1: 
         if gemv_tile is None:
             _w4a16_gemv_kernel[grid](x, rows, p1, s1, p2, s2, y, M, **common)
         else:
-            n, k, warps = gemv_tile
-            _w4a16_gemv_kernel.fn[grid](x, rows, p1, s1, p2, s2, y, M, BLOCK_N=n, BLOCK_K=max(k, group),
+            n, k, warps, words = gemv_tile
+            _w4a16_gemv_kernel.fn[grid](x, rows, p1, s1, p2, s2, y, M, BLOCK_N=n, BLOCK_K=max(k, group), WORDS=words,
                                         num_warps=warps, **common)
         return y
     BLOCK_M, BLOCK_N, BLOCK_K, warps = GEMM_TILES["few" if M < 32 * E else "many"]
@@ -199,13 +204,15 @@ def tuned_gemv_tiles() -> dict[str, str]:
 
 def _gemv_configs() -> list:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in GEMV_TILES[: 1 if interpret else None]]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": words}, num_warps=w)
+            for n, k, w, words in GEMV_TILES[: 1 if interpret else None]]
 
 
 def _gemv_prune(configs: list, nargs: dict, **kwargs) -> list:
     """A tile covers whole quantization groups: BLOCK_K >= GROUP (a multiple, both powers of 2)."""
     group = kwargs.get("GROUP", nargs.get("GROUP"))
-    return [c for c in configs if c.kwargs["BLOCK_K"] >= group] or [triton.Config({"BLOCK_N": 32, "BLOCK_K": group})]
+    return [c for c in configs if c.kwargs["BLOCK_K"] >= group] or [triton.Config({"BLOCK_N": 32, "BLOCK_K": group,
+                                                                                     "WORDS": 0})]
 
 
 if HAS_TRITON:
@@ -225,12 +232,30 @@ if HAS_TRITON:
         w = tl.reshape(q, (BLOCK_N, BLOCK_K // GROUP, GROUP)).to(tl.float32) * s.to(tl.float32)[:, :, None]
         return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
+    @triton.jit
+    def _word_dot(P, S, X, e, m, offs_n, n_mask, k0, K, stride_xm, stride_pe, stride_pn, stride_se, stride_sn,
+                  GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Expert e's rows offs_n times x[m, k0:k0+BLOCK_K], from the packed words [BLOCK_N, BLOCK_K/8] as they
+        are: sum_w scale_w * sum_j q_wj * x[8w + j] (fp32)."""
+        offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        w_mask = offs_w < K // 8
+        p = tl.load(P + e * stride_pe + offs_n[:, None] * stride_pn + offs_w[None, :],
+                    mask=n_mask[:, None] & w_mask[None, :], other=0)
+        s = tl.load(S + e * stride_se + offs_n[:, None] * stride_sn + (offs_w // (GROUP // 8))[None, :],
+                    mask=n_mask[:, None] & w_mask[None, :], other=0.0)
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+        for j in tl.static_range(8):
+            x = tl.load(X + m * stride_xm + offs_w * 8 + j, mask=w_mask, other=0.0).to(tl.float32)
+            q = (((p >> (4 * j)) & 0xF) - 8).to(tl.float32)
+            acc += q * x[None, :]
+        return tl.sum(acc * s.to(tl.float32), axis=1)
+
     @triton.autotune(configs=_gemv_configs(), key=["M", "N", "K", "SWIGLU"],
                      prune_configs_by={"early_config_prune": _gemv_prune})
     @triton.jit
     def _w4a16_gemv_kernel(X, RowExpert, P1, S1, P2, S2, Y, M, N, K, stride_xm, stride_pe, stride_pn, stride_se,
                            stride_sn, stride_ym, GROUP: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
+                           BLOCK_K: tl.constexpr, WORDS: tl.constexpr):
         m = tl.program_id(0)  # one token-expert row (M of them: the autotuning key's batch size)
         e = tl.load(RowExpert + m).to(tl.int64)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -239,15 +264,22 @@ if HAS_TRITON:
         acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(X + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            w1 = _dequant_tile(P1, S1, e, offs_n, n_mask, k0, K, stride_pe, stride_pn, stride_se, stride_sn,
-                               GROUP, BLOCK_N, BLOCK_K)
-            acc1 += tl.sum(w1 * x[None, :], axis=1)
-            if SWIGLU:
-                w2 = _dequant_tile(P2, S2, e, offs_n, n_mask, k0, K, stride_pe, stride_pn, stride_se, stride_sn,
+            if WORDS:
+                acc1 += _word_dot(P1, S1, X, e, m, offs_n, n_mask, k0, K, stride_xm, stride_pe, stride_pn, stride_se,
+                                  stride_sn, GROUP, BLOCK_N, BLOCK_K)
+                if SWIGLU:
+                    acc2 += _word_dot(P2, S2, X, e, m, offs_n, n_mask, k0, K, stride_xm, stride_pe, stride_pn,
+                                      stride_se, stride_sn, GROUP, BLOCK_N, BLOCK_K)
+            else:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(X + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+                w1 = _dequant_tile(P1, S1, e, offs_n, n_mask, k0, K, stride_pe, stride_pn, stride_se, stride_sn,
                                    GROUP, BLOCK_N, BLOCK_K)
-                acc2 += tl.sum(w2 * x[None, :], axis=1)
+                acc1 += tl.sum(w1 * x[None, :], axis=1)
+                if SWIGLU:
+                    w2 = _dequant_tile(P2, S2, e, offs_n, n_mask, k0, K, stride_pe, stride_pn, stride_se, stride_sn,
+                                       GROUP, BLOCK_N, BLOCK_K)
+                    acc2 += tl.sum(w2 * x[None, :], axis=1)
         if SWIGLU:
             acc1 = acc1 / (1.0 + tl.exp(-acc1)) * acc2
         tl.store(Y + m * stride_ym + offs_n, acc1.to(Y.dtype.element_ty), mask=n_mask)
