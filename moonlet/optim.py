@@ -95,45 +95,95 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
     def _muon(self, group: dict) -> None:
+        """Momentum for the whole group in foreach launches, then Newton-Schulz batched over every matrix of the
+        same shape (tall ones transposed): the 16 layers' q_proj, or all layers' experts, in one call each,
+        instead of one small-GEMM chain per parameter."""
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            g = p.grad.float()
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(g)
-            buf = state["momentum_buffer"]
-            buf.mul_(mu).add_(g)
-            g = g.add(buf, alpha=mu) if group["nesterov"] else buf
-            update = newton_schulz(g, group["ns_steps"], self.ns_dtype)
-            p.mul_(1 - lr * wd)
-            p.add_(update.to(p.dtype), alpha=-lr * muon_scale(p.shape))
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad.float() for p in params]
+        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(g)) for p, g in zip(params, grads)]
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
+        updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+        torch._foreach_mul_(params, 1 - lr * wd)
+        for batch in _same_shape_batches(params):
+            mats = [(updates[i].mT if tall else updates[i]) for i, tall in batch]
+            ortho = newton_schulz_many(mats, group["ns_steps"], self.ns_dtype)
+            for (i, tall), o in zip(batch, ortho):
+                # p (fp32) += bf16 update in one pass: the in-place add promotes, no fp32 copy of the update
+                params[i].add_(o.mT if tall else o, alpha=-lr * muon_scale(params[i].shape))
 
     def _adamw(self, group: dict) -> None:
-        """AdamW with torch's foreach kernels: one launch per op for the whole group, no per-tensor temporaries
-        (the "adamw" baseline puts every matrix here)."""
+        """AdamW. fp32 parameters and gradients (moonlet's training: fp32 master weights) take torch's fused
+        kernel, one pass over p, g, m, v per tensor chunk; anything else (bf16 parameters) the foreach ops, one
+        launch per op for the whole group. Both are torch.optim.AdamW's update."""
         lr, wd, (b1, b2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
         grads = [p.grad.float() for p in params]
         states = [self.state[p] for p in params]
-        for g, state in zip(grads, states):
+        for p, g, state in zip(params, grads, states):
             if "step" not in state:
-                state["step"] = 0
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(g)
                 state["exp_avg_sq"] = torch.zeros_like(g)
-            state["step"] += 1
+            elif not torch.is_tensor(state["step"]) or state["step"].device != p.device:
+                # a checkpoint of an older moonlet (int steps) or one torch loaded onto the CPU
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
+        steps = [s["step"] for s in states]
         exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_add_(steps, 1)
+        if all(p.dtype == torch.float32 for p in params) and params[0].device.type in _FUSED_ADAMW_DEVICES:
+            torch._fused_adamw_(params, grads, exp_avg, exp_avg_sq, [], steps, lr=lr, beta1=b1, beta2=b2,
+                                weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+            return
+        counts = [int(s) for s in steps]  # host values of the step counts: this path is not the hot one
         torch._foreach_lerp_(exp_avg, grads, 1 - b1)
         torch._foreach_mul_(exp_avg_sq, b2)
         torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - b2)
         denom = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_div_(denom, [math.sqrt(1 - b2 ** s["step"]) for s in states])
+        torch._foreach_div_(denom, [math.sqrt(1 - b2 ** n) for n in counts])
         torch._foreach_add_(denom, eps)
         torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_addcdiv_(params, exp_avg, denom, [-lr / (1 - b1 ** s["step"]) for s in states])
+        torch._foreach_addcdiv_(params, exp_avg, denom, [-lr / (1 - b1 ** n) for n in counts])
+
+
+_FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+MUON_BATCH_BYTES = 2 << 30  # cap on one batched Newton-Schulz input (bf16), so big models stay within memory
+
+
+def _same_shape_batches(params: list[torch.Tensor]) -> list[list[tuple[int, bool]]]:
+    """Group parameter indices by the (short, long) shape of their last two dims, with a flag for tall ones
+    (to be transposed), each batch under MUON_BATCH_BYTES of bf16 input: one Newton-Schulz call per batch."""
+    batches: dict[tuple, list[tuple[int, bool]]] = {}
+    bytes_in: dict[tuple, int] = {}
+    done: list[list[tuple[int, bool]]] = []
+    for i, p in enumerate(params):
+        m, n = p.shape[-2:]
+        key = (min(m, n), max(m, n), p.device)
+        if key in batches and bytes_in[key] + 2 * p.numel() > MUON_BATCH_BYTES:
+            done.append(batches.pop(key))
+            bytes_in[key] = 0
+        batches.setdefault(key, []).append((i, m > n))
+        bytes_in[key] = bytes_in.get(key, 0) + 2 * p.numel()
+    return done + list(batches.values())
+
+
+def newton_schulz_many(mats: list[torch.Tensor], steps: int = 5,
+                       dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+    """`newton_schulz` of each of several tensors whose last two dims share one shape, in one batched call:
+    they are copied (and cast) into one stacked input; the outputs are views of one result."""
+    if len(mats) == 1:
+        return [newton_schulz(mats[0], steps, dtype)]
+    m, n = mats[0].shape[-2:]
+    sizes = [math.prod(t.shape[:-2]) for t in mats]
+    stacked = torch.empty(sum(sizes), m, n, dtype=dtype, device=mats[0].device)
+    torch._foreach_copy_(list(stacked.split(sizes)), [t.reshape(-1, m, n) for t in mats])
+    out = newton_schulz(stacked, steps, dtype)
+    return [o.view(t.shape) for o, t in zip(out.split(sizes), mats)]
 
 
 def param_groups(model: nn.Module, optimizer: str = "muon") -> dict[str, list[nn.Parameter]]:

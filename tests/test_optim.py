@@ -28,6 +28,44 @@ def test_newton_schulz_is_batched_over_stacked_experts_and_orthogonalizes():
     assert torch.allclose(tall, batched.mT, atol=1e-5)
 
 
+def test_one_batched_newton_schulz_over_same_shape_matrices_equals_one_call_each():
+    mats = [torch.randn(24, 40), torch.randn(3, 24, 40), torch.randn(5, 40, 24).mT]  # a tall one, transposed
+    together = optim.newton_schulz_many(mats, dtype=torch.float32)
+    for m, o in zip(mats, together):
+        assert o.shape == m.shape
+        torch.testing.assert_close(o, optim.newton_schulz(m, dtype=torch.float32), rtol=1e-5, atol=1e-5)
+
+
+def test_muon_batches_same_shape_parameters_within_the_memory_cap(monkeypatch):
+    ps = [torch.zeros(8, 4), torch.zeros(3, 4, 8), torch.zeros(8, 16), torch.zeros(4, 8), torch.zeros(2, 8, 4)]
+    batches = optim._same_shape_batches(ps)
+    assert sorted(batches) == sorted([[(0, True), (1, False), (3, False), (4, True)], [(2, False)]])
+    monkeypatch.setattr(optim, "MUON_BATCH_BYTES", 2 * 4 * 32)  # room for 4 matrices of 4 x 8 per batch
+    capped = optim._same_shape_batches(ps)
+    assert sorted(capped) == sorted([[(0, True), (1, False)], [(3, False), (4, True)], [(2, False)]])
+
+
+def test_muon_over_many_parameters_matches_torch_optim_muon_on_each():
+    """The foreach momentum and the shape-batched Newton-Schulz are the per-matrix rule, for every matrix."""
+    torch.manual_seed(0)
+    shapes = [(48, 32), (32, 48), (48, 32), (16, 8)]
+    w0 = [torch.randn(s) for s in shapes]
+    ours = [torch.nn.Parameter(w.clone()) for w in w0]
+    refs = [torch.nn.Parameter(w.clone()) for w in w0]
+    opt = optim.MuonAdamW([dict(params=ours, kind="muon")], lr=0.02, weight_decay=0.1, ns_dtype=torch.float32)
+    peers = [torch.optim.Muon([r], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
+                              adjust_lr_fn="match_rms_adamw") for r in refs]
+    for _ in range(3):
+        for p, r in zip(ours, refs):
+            p.grad = torch.randn(p.shape)
+            r.grad = p.grad.clone()
+        opt.step()
+        for peer in peers:
+            peer.step()
+    for p, r, w in zip(ours, refs, w0):
+        assert (p - r).abs().max() < 0.02 * (r - w).abs().max()  # torch's Muon iterates in bf16, ours in fp32
+
+
 @pytest.mark.parametrize("shape", [(4, 24, 40), (40, 24), (3, 2, 24, 40)], ids=["stacked", "tall", "4-d"])
 def test_newton_schulz_flops_match_torchs_flop_counter(shape):
     from torch.utils.flop_counter import FlopCounterMode
