@@ -52,12 +52,19 @@ def build(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dty
         from moonlet import quant  # INT4 experts: packed tensors instead of bf16 weights
 
         quant.replace_experts_for_checkpoint(model, cfg.quantization_config, layers=packed_layers)
-    model = model.to(dtype=dtype) if dtype is not None else model
-    for moe in model.moe_layers():  # the router stays fp32 (HF keeps gate.weight so too): bf16-rounded
-        moe.gate.float()  # weights pick other experts in near ties, and the bias moves below bf16's resolution
+    model = cast_weights(model, dtype)
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie again
         model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+def cast_weights(model: Transformer, dtype: torch.dtype | None) -> Transformer:
+    """model.to(dtype) with the routers kept fp32 (HF keeps gate.weight so too): bf16-rounded router weights
+    pick other experts in near ties, and the balancing bias moves below bf16's resolution."""
+    model = model.to(dtype=dtype) if dtype is not None else model
+    for moe in model.moe_layers():
+        moe.gate.float()
     return model
 
 

@@ -4,7 +4,9 @@ router balancing of DeepSeek-V3 / K2 (K2_SPEC.md sections 1 and 3).
 - `MuonAdamW`: one torch.optim.Optimizer whose param groups say which rule they use (`kind` "muon" or
   "adamw"). Muon runs Newton-Schulz batched over leading dims, so a stacked expert tensor [E, out, in] is
   orthogonalized per expert in one call, and scales the update by Moonlight's `0.2 * sqrt(max(out, in))`
-  so its RMS matches AdamW's and the AdamW lr / weight decay carry over unchanged.
+  so its RMS matches AdamW's and the AdamW lr / weight decay carry over unchanged. Matrices of one shape
+  across layers share one batched Newton-Schulz call; AdamW is torch's fused kernel. bf16 parameters
+  (`moonlet train --precision bf16`) are updated through fp32 master copies kept in the optimizer state.
 - `qk_clip`: after the step, heads whose max pre-softmax logit S_h exceeded tau get their q_nope and k_nope
   rows scaled by sqrt(tau / S_h) and their q_pe rows by tau / S_h (never the shared k_pe or the v rows).
   S_h was measured before the update, so the clip maps the pre-update weights to exactly tau; the next
@@ -89,69 +91,80 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Each group's rule on fp32 weights: the parameters themselves, or for bf16 parameters (moonlet train
+        --precision bf16) an fp32 master copy kept in the state, which the bf16 weights are then copied from."""
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            (self._muon if group["kind"] == "muon" else self._adamw)(group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            weights = [self.master(p) for p in params]
+            grads = [p.grad.float() for p in params]
+            if group["kind"] == "muon":
+                self._muon(group, params, weights, grads)
+            else:
+                self._adamw(group, params, weights, grads)
+            low = [(p, w) for p, w in zip(params, weights) if w is not p]
+            if low:
+                torch._foreach_copy_([p for p, _ in low], [w for _, w in low])
         return loss
 
-    def _muon(self, group: dict) -> None:
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts every saved state tensor to its parameter's dtype; the fp32 masters, momenta and moments of
+        bf16 parameters must stay fp32, so each goes back in its saved dtype (on the parameter's device)."""
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            for k, v in state_dict["state"].get(i, {}).items():
+                if torch.is_tensor(v) and v.dtype != self.state[p][k].dtype:
+                    self.state[p][k] = v.to(p.device, copy=True)
+
+    def master(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 weights the update applies to: p itself when fp32, else its master copy (made on first use)."""
+        if p.dtype == torch.float32:
+            return p
+        state = self.state[p]
+        if "master" not in state:
+            state["master"] = p.detach().float()
+        return state["master"]
+
+    def _muon(self, group: dict, params: list, weights: list, grads: list) -> None:
         """Momentum for the whole group in foreach launches, then Newton-Schulz batched over every matrix of the
         same shape (tall ones transposed): the 16 layers' q_proj, or all layers' experts, in one call each,
         instead of one small-GEMM chain per parameter."""
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        grads = [p.grad.float() for p in params]
         bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(g)) for p, g in zip(params, grads)]
         torch._foreach_mul_(bufs, mu)
         torch._foreach_add_(bufs, grads)
         updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
-        torch._foreach_mul_(params, 1 - lr * wd)
-        for batch in _same_shape_batches(params):
+        torch._foreach_mul_(weights, 1 - lr * wd)
+        for batch in _same_shape_batches(weights):
             mats = [(updates[i].mT if tall else updates[i]) for i, tall in batch]
             ortho = newton_schulz_many(mats, group["ns_steps"], self.ns_dtype)
             for (i, tall), o in zip(batch, ortho):
-                # p (fp32) += bf16 update in one pass: the in-place add promotes, no fp32 copy of the update
-                params[i].add_(o.mT if tall else o, alpha=-lr * muon_scale(params[i].shape))
+                # w (fp32) += bf16 update in one pass: the in-place add promotes, no fp32 copy of the update
+                weights[i].add_(o.mT if tall else o, alpha=-lr * muon_scale(weights[i].shape))
 
-    def _adamw(self, group: dict) -> None:
-        """AdamW. fp32 parameters and gradients (moonlet's training: fp32 master weights) take torch's fused
-        kernel, one pass over p, g, m, v per tensor chunk; anything else (bf16 parameters) the foreach ops, one
-        launch per op for the whole group. Both are torch.optim.AdamW's update."""
+    def _adamw(self, group: dict, params: list, weights: list, grads: list) -> None:
+        """torch's fused AdamW kernel (torch.optim.AdamW(fused=True)'s update): one pass over w, g, m, v."""
         lr, wd, (b1, b2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        grads = [p.grad.float() for p in params]
         states = [self.state[p] for p in params]
-        for p, g, state in zip(params, grads, states):
+        for w, g, state in zip(weights, grads, states):
             if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=w.device)
                 state["exp_avg"] = torch.zeros_like(g)
                 state["exp_avg_sq"] = torch.zeros_like(g)
-            elif not torch.is_tensor(state["step"]) or state["step"].device != p.device:
+            elif not torch.is_tensor(state["step"]) or state["step"].device != w.device:
                 # a checkpoint of an older moonlet (int steps) or one torch loaded onto the CPU
-                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(w.device)
         steps = [s["step"] for s in states]
-        exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         torch._foreach_add_(steps, 1)
-        if all(p.dtype == torch.float32 for p in params) and params[0].device.type in _FUSED_ADAMW_DEVICES:
-            torch._fused_adamw_(params, grads, exp_avg, exp_avg_sq, [], steps, lr=lr, beta1=b1, beta2=b2,
-                                weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
-            return
-        counts = [int(s) for s in steps]  # host values of the step counts: this path is not the hot one
-        torch._foreach_lerp_(exp_avg, grads, 1 - b1)
-        torch._foreach_mul_(exp_avg_sq, b2)
-        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - b2)
-        denom = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_div_(denom, [math.sqrt(1 - b2 ** n) for n in counts])
-        torch._foreach_add_(denom, eps)
-        torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_addcdiv_(params, exp_avg, denom, [-lr / (1 - b1 ** n) for n in counts])
+        torch._fused_adamw_(weights, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+                            steps, lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps, amsgrad=False,
+                            maximize=False)
 
 
-_FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 MUON_BATCH_BYTES = 2 << 30  # cap on one batched Newton-Schulz input (bf16), so big models stay within memory
 
 
@@ -244,10 +257,17 @@ def reduce_max_logits(model: nn.Module) -> list[torch.Tensor | None]:
     return out
 
 
+def _clip_target(param: torch.Tensor, opt: MuonAdamW | None) -> torch.Tensor:
+    """The weights QK-Clip scales: the fp32 master of a bf16 parameter (which the parameter is then copied
+    from: scaling only the parameter, the next step's copy from the master would undo the clip), else itself."""
+    return opt.master(param) if opt is not None else param
+
+
 @torch.no_grad()
-def qk_clip(model: nn.Module, tau: float | None = 100.0) -> dict:
+def qk_clip(model: nn.Module, tau: float | None = 100.0, opt: MuonAdamW | None = None) -> dict:
     """Apply QK-Clip with the max logits recorded since the last call, then reset them. Returns metrics:
-    max logit per layer (before the clip) and heads clipped. tau=None only measures (vanilla Muon)."""
+    max logit per layer (before the clip) and heads clipped. tau=None only measures (vanilla Muon).
+    opt: the run's optimizer, whose fp32 master weights of bf16 parameters are clipped too."""
     cfg = model.cfg
     nope, rope, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     layers = [(attn, S) for attn, S in zip(model.attention_layers(), reduce_max_logits(model)) if S is not None]
@@ -262,12 +282,15 @@ def qk_clip(model: nn.Module, tau: float | None = 100.0) -> dict:
         gamma = torch.where(over, tau / S_all, torch.ones_like(S_all))
         for (attn, _), g in zip(layers, gamma):
             H, root = attn.n_heads, g.sqrt()
-            wq = attn.q_proj.weight if cfg.q_lora_rank is None else attn.q_b_proj.weight
-            wq = wq.view(H, nope + rope, -1)  # a view: the scaling lands in the parameter
+            q_param = attn.q_proj.weight if cfg.q_lora_rank is None else attn.q_b_proj.weight
+            wq = _clip_target(q_param, opt).view(H, nope + rope, -1)  # a view: the scaling lands in the weights
             wq[:, :nope] *= root.to(wq.dtype)[:, None, None]
             wq[:, nope:] *= g.to(wq.dtype)[:, None, None]
-            wkv = attn.kv_b_proj.weight.view(H, nope + v, -1)  # k_nope rows only; v rows untouched
-            wkv[:, :nope] *= root.to(wkv.dtype)[:, None, None]
+            wkv = _clip_target(attn.kv_b_proj.weight, opt)
+            wkv.view(H, nope + v, -1)[:, :nope] *= root.to(wkv.dtype)[:, None, None]  # k_nope rows; v rows untouched
+            for param, w in ((q_param, wq), (attn.kv_b_proj.weight, wkv)):
+                if w.data_ptr() != param.data_ptr():
+                    param.copy_(w.view_as(param))  # bf16 weights: the clipped master, rounded
     *per_layer, clipped = torch.cat([S_all.amax(-1), over.sum().reshape(1)]).tolist()  # one device->host copy
     return {"heads_clipped": int(clipped), "max_logit": max(per_layer), "max_logit_per_layer": per_layer}
 

@@ -94,7 +94,7 @@ def saved_train_config(run: str | Path) -> dict | None:
 # or optimizer does not fit the checkpoint). Everything else is schedule or hyperparameter (steps, stop_at,
 # save_every, eval_every, keep, lr, ...), which may change when a run is extended; RUNTIME_FIELDS never matter.
 IDENTITY_FIELDS = ("model", "init", "data", "optimizer", "qat", "seq_len", "micro_batch", "grad_accum", "seed",
-                   "ns_dtype")
+                   "ns_dtype", "precision")
 RUNTIME_FIELDS = ("out", "threads", "progress", "compile", "peak_tflops",
                   "stop_at")  # stop_at belongs to the invocation that stopped: a resume goes on
 

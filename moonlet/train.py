@@ -76,6 +76,7 @@ class TrainConfig:
     keep: int = 2
     seed: int = 0
     ns_dtype: str = "bfloat16"
+    precision: str = "amp"  # amp: fp32 weights, bf16 autocast on GPU; bf16: bf16 weights, fp32 masters in the optimizer
     compile: bool = False
     qat: str | None = None
     peak_tflops: float | None = None
@@ -172,19 +173,37 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def weight_dtype(tc: TrainConfig) -> torch.dtype:
+    """The dtype the model's weights are held in: --precision bf16 trades the fp32 weights and autocast's casts
+    of them for bf16 weights and gradients (the update still runs on fp32 masters: MuonAdamW.step)."""
+    if tc.precision not in ("amp", "bf16"):
+        raise SystemExit(f"moonlet train --precision {tc.precision!r}: choose 'amp' or 'bf16'")
+    return torch.bfloat16 if tc.precision == "bf16" else torch.float32
+
+
+def train_autocast(device: torch.device, precision: str = "amp"):
+    """bf16 autocast over fp32 weights on GPU (--precision amp); fp32 on the CPU; none for bf16 weights."""
+    on = device.type == "cuda" and precision == "amp"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
 def build_model(tc: TrainConfig, device: torch.device, resuming: Path | None = None):
     """The model to train. `resuming`: the run's checkpoint, whose weights load next, so a fine-tune is built from
     its config rather than by loading its --init checkpoint again (which may have moved since)."""
     from moonlet import checkpoint
 
+    dtype = weight_dtype(tc)
     if tc.init and resuming is not None:
-        model = checkpoint.build(ModelConfig.from_hf(resuming), device=device, dtype=torch.float32)
+        model = checkpoint.build(ModelConfig.from_hf(resuming), device=device, dtype=dtype)
     elif tc.init:
-        model = checkpoint.load(tc.init, device=device, dtype=torch.float32)
+        model = checkpoint.load(tc.init, device=device, dtype=dtype)
         dense_experts(model)
     else:
+        # initialized in fp32 and then cast, so --precision bf16 starts from the rounded fp32 init
         model = checkpoint.build(checkpoint.model_config(tc.model), device=device, dtype=torch.float32)
         model.init_weights(seed=tc.seed)
+        if dtype != torch.float32:
+            model = checkpoint.cast_weights(model, dtype)
     if tc.qat:
         try:
             from moonlet.quant import enable_qat
@@ -311,8 +330,7 @@ def train(tc: TrainConfig) -> dict:
     balancer = optim.RouterBalancer(model, tc.bias_update)
     params = [p for p in model.parameters() if p.requires_grad]
     fwd_model = torch.compile(model) if tc.compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    autocast = train_autocast(device, tc.precision)
     flops_tok = train_flops_per_token(cfg, tc.seq_len)
     peak = peak_flops(device, tc.peak_tflops)
     per_step = tc.micro_batch * tc.grad_accum * world
@@ -357,7 +375,7 @@ def train(tc: TrainConfig) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
             rec = {"step": step + 1, "loss": loss_value, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm_value}
-            rec.update(optim.qk_clip(model, tc.qk_clip_tau))
+            rec.update(optim.qk_clip(model, tc.qk_clip_tau, opt))
             rec.update(balancer.step())
             step += 1
             position += per_step
@@ -420,7 +438,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--out", default=d.out, help="run directory: metrics.jsonl, checkpoints/ (default: %(default)s)")
     a("--resume", action="store_true", help="require a checkpoint in --out and continue from it exactly. Any resume "
       "takes the options not given from the checkpoint's config and refuses given ones that change the run "
-      "(model, init, data, optimizer, qat, seq-len, micro-batch, grad-accum, seed, ns-dtype); schedule options "
+      "(model, init, data, optimizer, qat, seq-len, micro-batch, grad-accum, seed, ns-dtype, precision); schedule options "
       "(steps, stop-at, save-every, eval-every, keep, lr, ...) may change")
     a("--steps", type=at_least(1), default=d.steps, help="total optimizer steps (default: %(default)s)")
     a("--stop-at", type=at_least(1), default=None, help="checkpoint and exit after this step; resume later (the schedule "
@@ -457,6 +475,9 @@ def _parser() -> argparse.ArgumentParser:
     a("--seed", type=at_least(0), default=d.seed, help="init and data-order seed (default: %(default)s)")
     a("--ns-dtype", choices=["bfloat16", "float32"], default=d.ns_dtype, help="Newton-Schulz precision "
       "(default: %(default)s)")
+    a("--precision", choices=["amp", "bf16"], default=d.precision, help="amp: fp32 weights, bf16 autocast on GPU "
+      "(fp32 on the CPU); bf16: bf16 weights and gradients, the optimizer updating fp32 master copies (no casts "
+      "per forward, half the gradient memory; gradient accumulation sums in bf16) (default: %(default)s)")
     a("--compile", action="store_true", help="torch.compile the model (GPU)")
     a("--qat", choices=["int4"], default=None, help="quantization-aware training of the routed experts "
       "(moonlet.quant.enable_qat: INT4 g32 fake-quant with STE)")

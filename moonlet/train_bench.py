@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from moonlet import optim
 from moonlet.bench import top_kernels
 from moonlet.checkpoint import model_config
-from moonlet.train import mfu, peak_flops, train_flops_per_token
+from moonlet.train import mfu, peak_flops, train_autocast, train_flops_per_token
 
 
 def _time_steps(step_fn, steps: int, warmup: int, device: torch.device) -> float:
@@ -31,12 +31,16 @@ def _time_steps(step_fn, steps: int, warmup: int, device: torch.device) -> float
     return (time.perf_counter() - t0) / steps
 
 
-def _moonlet_train_step(cfg, optimizer: str, x: torch.Tensor, autocast, compile_: bool, device: torch.device):
-    """A closure running one moonlet training step as `moonlet train` does, and the step's Newton-Schulz FLOPs."""
+def _moonlet_train_step(cfg, optimizer: str, x: torch.Tensor, precision: str, compile_: bool, device: torch.device):
+    """A closure running one moonlet training step as `moonlet train --precision P` does, and the step's
+    Newton-Schulz FLOPs."""
     from moonlet import checkpoint
 
     model = checkpoint.build(cfg, device=device)
     model.init_weights(seed=0)
+    if precision == "bf16":
+        model = checkpoint.cast_weights(model, torch.bfloat16)
+    autocast = train_autocast(device, precision)
     opt = optim.build_optimizer(model, optimizer, lr=1e-4)
     muon = optimizer == "muon"
     ns_flops = sum(optim.newton_schulz_flops(p.shape) for g in opt.param_groups if g["kind"] == "muon"
@@ -55,7 +59,7 @@ def _moonlet_train_step(cfg, optimizer: str, x: torch.Tensor, autocast, compile_
         opt.step()
         opt.zero_grad(set_to_none=True)
         if muon:
-            optim.qk_clip(model, 100.0)
+            optim.qk_clip(model, 100.0, opt)
         balancer.step()
 
     return step, ns_flops
@@ -89,18 +93,19 @@ def _hf_train_step(cfg, mode: str, x: torch.Tensor, autocast, device: torch.devi
 
 def bench_train(preset: str, batch: int, seq_len: int, steps: int, warmup: int, compare_hf: bool,
                 compile_: bool = False, peak_tflops: float | None = None,
-                optimizers: tuple[str, ...] = ("muon", "adamw"), profile: bool = False) -> dict:
+                optimizers: tuple[str, ...] = ("muon", "adamw"), profile: bool = False,
+                precisions: tuple[str, ...] = ("amp",)) -> dict:
     """Seconds per full training step (fwd + bwd + clip + optimizer) of moonlet and of HF transformers'
     DeepseekV3ForCausalLM (grouped_mm experts on GPU, fused AdamW) on the same config. moonlet keeps fp32
     master weights under bf16 autocast on GPU; HF runs that way and with pure bf16 weights (see
     `_hf_train_step`), and speedups are against its faster step. moonlet runs once per optimizer: "muon" is MuonClip (Newton-Schulz on every
     hidden matrix, max-logit tracking, QK-Clip, router-bias update), "adamw" the same step with AdamW, the
-    like-for-like comparison with HF. MFU counts model FLOPs only (PaLM convention), so Newton-Schulz, whose
+    like-for-like comparison with HF; with precision "bf16" (`moonlet train --precision bf16`: bf16 weights,
+    fp32 masters in the optimizer) its result is named "muon_bf16" / "adamw_bf16". MFU counts model FLOPs only (PaLM convention), so Newton-Schulz, whose
     FLOPs are reported apart, lowers Muon's MFU: it costs the same per step whatever the batch."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = model_config(preset)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    autocast = train_autocast(device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=gen).to(device)
     flops_tok = train_flops_per_token(cfg, seq_len)
@@ -120,9 +125,10 @@ def bench_train(preset: str, batch: int, seq_len: int, steps: int, warmup: int, 
     out: dict = {"preset": preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                  "batch": batch, "seq_len": seq_len, "train_flops_per_token": flops_tok, "peak_flops": peak,
                  "moonlet": {}}
-    for name in optimizers:
-        step_fn, ns_flops = _moonlet_train_step(cfg, name, x, autocast, compile_, device)
-        if name == "muon":
+    for opt_name, precision in [(o, p) for p in precisions for o in optimizers]:
+        name = opt_name if precision == "amp" else f"{opt_name}_{precision}"
+        step_fn, ns_flops = _moonlet_train_step(cfg, opt_name, x, precision, compile_, device)
+        if opt_name == "muon":
             out["newton_schulz_flops_per_step"] = ns_flops
         out["moonlet"][name] = report(_time_steps(step_fn, steps, warmup, device))
         if profile:
@@ -162,6 +168,9 @@ def cli_bench_train(argv: list[str]) -> int:
     ap.add_argument("--optimizer", default="muon,adamw", help="moonlet's optimizers, comma-separated, one run each: "
                     "muon = MuonClip (Newton-Schulz, max-logit tracking, QK-Clip), adamw = like-for-like with HF "
                     "(default: %(default)s)")
+    ap.add_argument("--precision", default="amp", help="moonlet's weight precisions, comma-separated, one run each "
+                    "per optimizer: amp = fp32 weights under bf16 autocast on GPU, bf16 = bf16 weights with fp32 "
+                    "masters in the optimizer (as `moonlet train --precision`) (default: %(default)s)")
     ap.add_argument("--compile", action="store_true", help="torch.compile moonlet's model")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (auto on known GPUs)")
     ap.add_argument("--profile", action="store_true", help="after timing, profile one more moonlet step: the "
@@ -170,7 +179,10 @@ def cli_bench_train(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if bad := set(args.optimizer.split(",")) - {"muon", "adamw"}:
         ap.error(f"--optimizer: unknown {sorted(bad)}; choose from muon, adamw")
+    if bad := set(args.precision.split(",")) - {"amp", "bf16"}:
+        ap.error(f"--precision: unknown {sorted(bad)}; choose from amp, bf16")
     out = bench_train(args.preset, args.batch, args.seq_len, args.steps, args.warmup, args.compare == "hf",
-                      args.compile, args.peak_tflops, tuple(args.optimizer.split(",")), args.profile)
+                      args.compile, args.peak_tflops, tuple(args.optimizer.split(",")), args.profile,
+                      tuple(args.precision.split(",")))
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
     return 0

@@ -48,8 +48,8 @@ def remember_input(model, x, *args, **kwargs):
     return forward(model, x, *args, **kwargs)
 
 
-def clip_then_measure_again(model, tau):
-    rec = clip(model, tau)
+def clip_then_measure_again(model, tau, opt=None):
+    rec = clip(model, tau, opt)
     with torch.no_grad():
         model(last_input["x"])  # max logits are tracked and were just reset by the clip: this forward's alone
     again = max(a.max_logits.float().max().item() for a in model.attention_layers())
@@ -59,7 +59,7 @@ def clip_then_measure_again(model, tau):
     return rec
 
 
-optim.qk_clip = clip_then_measure_again  # train() calls optim.qk_clip(model, tau) after each optimizer step
+optim.qk_clip = clip_then_measure_again  # train() calls optim.qk_clip(model, tau, opt) after each optimizer step
 Transformer.forward = remember_input  # the model's own forward only, not every submodule's
 train(run)
 (out / "steps.json").write_text(json.dumps(steps))

@@ -1,5 +1,6 @@
 """MuonClip optimizer, QK-Clip and aux-loss-free balancing (K2_SPEC.md sections 1 and 3)."""
 
+import copy
 import math
 
 import pytest
@@ -114,6 +115,30 @@ def test_adamw_groups_match_torch_optim_adamw(dtype):
         assert p.dtype == dtype
 
 
+@pytest.mark.parametrize("kind", ["muon", "adamw"])
+def test_bf16_parameters_are_updated_through_fp32_masters_that_survive_a_state_dict_round_trip(kind):
+    torch.manual_seed(0)
+    w0 = torch.randn(48, 32)
+    low, full = torch.nn.Parameter(w0.bfloat16()), torch.nn.Parameter(w0.bfloat16().float())
+    opt = optim.MuonAdamW([dict(params=[low], kind=kind)], lr=1e-4, weight_decay=0.1)
+    ref = optim.MuonAdamW([dict(params=[full], kind=kind)], lr=1e-4, weight_decay=0.1)
+    for step in range(6):
+        g = torch.randn(48, 32)
+        low.grad, full.grad = g.bfloat16(), g.bfloat16().float()
+        opt.step()
+        ref.step()
+        if step == 2:  # a checkpoint round trip: torch alone would cast the fp32 state to bf16
+            saved = copy.deepcopy(opt.state_dict())
+            opt = optim.MuonAdamW([dict(params=[low], kind=kind)], lr=1e-4, weight_decay=0.1)
+            opt.load_state_dict(saved)
+    master = opt.master(low)
+    assert master.dtype == torch.float32 and all(v.dtype == torch.float32 for k, v in opt.state[low].items())
+    assert torch.equal(low.detach(), master.bfloat16())  # the bf16 weights are the rounded masters
+    torch.testing.assert_close(master, full.detach(), rtol=0, atol=1e-6)  # the fp32 run's update, exactly
+    start = w0.bfloat16().float()  # steps below bf16's resolution move the master, not (yet) the bf16 weights
+    assert (low.detach().float() != start).sum() < (master != start).sum() == master.numel()
+
+
 def test_muon_update_rms_matches_adamw_scale_for_stacked_experts():
     p = torch.nn.Parameter(torch.zeros(8, 64, 32))
     p.grad = torch.randn(8, 64, 32)
@@ -183,6 +208,26 @@ def test_qk_clip_caps_each_over_threshold_head_at_exactly_tau_and_leaves_shared_
         kv, kv0 = attn.kv_b_proj.weight.view(4, nope + v, -1), frozen[p + "kv_b_proj.weight"].view(4, nope + v, -1)
         assert torch.equal(kv[:, nope:], kv0[:, nope:])  # value rows untouched
         assert torch.equal(attn.o_proj.weight, frozen[p + "o_proj.weight"])
+
+
+def test_qk_clip_of_bf16_weights_scales_their_fp32_masters_too():
+    """Else the next step's copy from the masters would undo the clip (moonlet train --precision bf16)."""
+    from moonlet.checkpoint import cast_weights
+
+    model = cast_weights(tiny_model(num_hidden_layers=1), torch.bfloat16)
+    opt = optim.build_optimizer(model, "muon", lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # makes the masters
+    attn = model.attention_layers()[0]
+    optim.track_max_logits(model)
+    with torch.no_grad():
+        model(torch.randint(0, 1000, (1, 8)))
+    tau = float(attn.max_logits.float().min()) / 2  # every head over tau
+    stats = optim.qk_clip(model, tau, opt)
+    assert stats["heads_clipped"] == attn.n_heads
+    for w in (attn.q_b_proj.weight, attn.kv_b_proj.weight):
+        assert torch.equal(w.detach(), opt.master(w).bfloat16())  # clipped alike, so no step can undo it
 
 
 def test_qk_clip_without_tau_only_measures():

@@ -51,6 +51,25 @@ def test_resume_continues_exactly(corpus, tmp_path):
     assert sum(heads) > 0  # tau=0.05 makes QK-Clip fire, so the resumed run also restored clipped weights
 
 
+def test_bf16_weights_train_through_fp32_masters_and_resume_exactly(corpus, tmp_path):
+    from moonlet import checkpoint
+
+    straight = train(tc(corpus, tmp_path / "a", precision="bf16"))["losses"]
+    train(tc(corpus, tmp_path / "b", precision="bf16", stop_at=10))
+    rest = train(tc(corpus, tmp_path / "b", precision="bf16", steps=20))["losses"]
+    assert straight[10:] == rest  # the fp32 masters, momenta and moments came back fp32 from the checkpoint
+    assert sum(straight[-5:]) < sum(straight[:5])
+    assert sum(r["heads_clipped"] for r in read_metrics(tmp_path / "a")) > 0  # clipped masters and bf16 alike
+    ckpt = latest_checkpoint(tmp_path / "a")
+    saved = load_file(ckpt / "model.safetensors")
+    assert saved["model.layers.0.self_attn.kv_b_proj.weight"].dtype == torch.bfloat16
+    state = torch.load(ckpt / "train_state.pt", weights_only=False)["optimizer"]["state"]
+    masters = [s["master"] for s in state.values() if "master" in s]
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    model = checkpoint.load(ckpt)
+    assert all(m.gate.weight.dtype == torch.float32 for m in model.moe_layers())  # routers stay fp32
+
+
 def test_checkpoints_are_hf_checkpoints_written_every_n_steps_keeping_the_last_k(corpus, tmp_path):
     from moonlet import checkpoint
 
