@@ -31,7 +31,8 @@ def test_gpu_checks_script_runs_its_decode_and_train_stages_on_tiny_shapes(tmp_p
     assert set(rows) == {("none", 1), ("none", 2), ("int4", 1), ("int4", 2)}
     assert rows["none", 1]["hf_tokens_per_s"] > 0 and rows["int4", 1]["speedup_vs_unquantized"] > 0
     train = json.loads((tmp_path / "train.log").read_text().splitlines()[-1])
-    assert set(train["moonlet"]) == {"muon", "adamw"} and set(train["speedup_vs_hf"]) == {"muon", "adamw"}
+    runs = {"muon", "adamw", "muon_bf16", "adamw_bf16"}  # each optimizer with fp32 (+autocast) and bf16 weights
+    assert set(train["moonlet"]) == runs and set(train["speedup_vs_hf"]) == runs
     # where the time goes, for the sessions after the GPU is gone: ops ranked by their time, shares summing to <= 1
     for profile in [r["profile"] for r in rows.values()] + [r["profile"] for r in train["moonlet"].values()]:
         assert profile and all(p["us"] > 0 and p["calls"] > 0 for p in profile)
