@@ -257,12 +257,6 @@ def reduce_max_logits(model: nn.Module) -> list[torch.Tensor | None]:
     return out
 
 
-def _clip_target(param: torch.Tensor, opt: MuonAdamW | None) -> torch.Tensor:
-    """The weights QK-Clip scales: the fp32 master of a bf16 parameter (which the parameter is then copied
-    from: scaling only the parameter, the next step's copy from the master would undo the clip), else itself."""
-    return opt.master(param) if opt is not None else param
-
-
 @torch.no_grad()
 def qk_clip(model: nn.Module, tau: float | None = 100.0, opt: MuonAdamW | None = None) -> dict:
     """Apply QK-Clip with the max logits recorded since the last call, then reset them. Returns metrics:
@@ -283,14 +277,17 @@ def qk_clip(model: nn.Module, tau: float | None = 100.0, opt: MuonAdamW | None =
         for (attn, _), g in zip(layers, gamma):
             H, root = attn.n_heads, g.sqrt()
             q_param = attn.q_proj.weight if cfg.q_lora_rank is None else attn.q_b_proj.weight
-            wq = _clip_target(q_param, opt).view(H, nope + rope, -1)  # a view: the scaling lands in the weights
-            wq[:, :nope] *= root.to(wq.dtype)[:, None, None]
-            wq[:, nope:] *= g.to(wq.dtype)[:, None, None]
-            wkv = _clip_target(attn.kv_b_proj.weight, opt)
-            wkv.view(H, nope + v, -1)[:, :nope] *= root.to(wkv.dtype)[:, None, None]  # k_nope rows; v rows untouched
-            for param, w in ((q_param, wq), (attn.kv_b_proj.weight, wkv)):
-                if w.data_ptr() != param.data_ptr():
-                    param.copy_(w.view_as(param))  # bf16 weights: the clipped master, rounded
+            for param in (q_param, attn.kv_b_proj.weight):
+                # bf16 weights: clip the fp32 master and copy it in (else the next step's copy would undo it)
+                w = opt.master(param) if opt is not None else param
+                if param is q_param:
+                    wq = w.view(H, nope + rope, -1)  # a view: the scaling lands in the weights
+                    wq[:, :nope] *= root.to(w.dtype)[:, None, None]
+                    wq[:, nope:] *= g.to(w.dtype)[:, None, None]
+                else:  # kv_b_proj: k_nope rows only; v rows untouched
+                    w.view(H, nope + v, -1)[:, :nope] *= root.to(w.dtype)[:, None, None]
+                if w is not param:
+                    param.copy_(w)
     *per_layer, clipped = torch.cat([S_all.amax(-1), over.sum().reshape(1)]).tolist()  # one device->host copy
     return {"heads_clipped": int(clipped), "max_logit": max(per_layer), "max_logit_per_layer": per_layer}
 
