@@ -379,15 +379,17 @@ class Transformer(nn.Module):
         freqs = positions.float().unsqueeze(-1) * inv_freq
         return (freqs.cos() * factor).to(dtype), (freqs.sin() * factor).to(dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B,T] -> logits [B,T,vocab] (training / prefill from position 0 or `positions`)."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, head: bool = True) -> torch.Tensor:
+        """input_ids [B,T] -> logits [B,T,vocab] (training / prefill from position 0 or `positions`); with
+        head=False the final norm's output [B,T,D], for the loss to run the head chunk by chunk (moonlet.loss)."""
         x = self.embed_tokens(input_ids)
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         cos, sin = self.rope(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return self.lm_head(x) if head else x
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]

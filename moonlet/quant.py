@@ -33,6 +33,7 @@ from torch import nn
 
 from moonlet.cli import at_least
 from moonlet.config import ConfigError, ModelConfig
+from moonlet.loss import head_cross_entropy
 from moonlet.model import Experts
 
 GROUP_SIZE = 32
@@ -490,8 +491,7 @@ def eval_loss(model: nn.Module, data_dir: str | Path, seq_len: int = 256, batche
     total, count = 0.0, 0
     for b in range(min(batches, data.n_windows // batch)):
         x, y, mask = data.batch(b * batch, batch)
-        ce = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="none")
-        total += float((ce * mask.flatten()).sum())
+        total += float(head_cross_entropy(model, model(x, head=False), y, mask)[0])
         count += int(mask.sum())
     if not count:
         raise QuantError(f"{data_dir}: val split has fewer than {batch} windows of {seq_len} tokens")

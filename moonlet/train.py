@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from moonlet import optim
 from moonlet.cli import at_least, number_in
 from moonlet.config import ConfigError, ModelConfig
+from moonlet.loss import head_cross_entropy
 from moonlet.runs import (
     RUNTIME_FIELDS,
     ResumeError,
@@ -260,9 +260,7 @@ def evaluate(model, data, tc: TrainConfig, device, autocast) -> float:
     for b in range(tc.eval_batches):
         x, y, m = (t.to(device) for t in data.batch(b * tc.micro_batch, tc.micro_batch))
         with autocast:
-            logits = model(x)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        total += float((ce * m.flatten()).sum())
+            total += float(head_cross_entropy(model, model(x, head=False), y, m)[0])
         count += int(m.sum())
     model.train()
     for a, on in zip(model.attention_layers(), tracking):
@@ -355,14 +353,12 @@ def train(tc: TrainConfig) -> dict:
             for x, y, mask in batches:
                 x, y, mask = x.to(device), y.to(device), mask.to(device)
                 with autocast:
-                    logits = fwd_model(x)
-                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-                loss = (ce * mask.flatten()).sum() / n_tgt.clamp(min=1)
+                    loss, ce = head_cross_entropy(model, fwd_model(x, head=False), y, mask / n_tgt.clamp(min=1))
                 if tc.aux_loss_alpha:
                     loss = loss + optim.seq_aux_loss(model, x.shape[0], tc.aux_loss_alpha) / (tc.grad_accum * world)
                 loss.backward()
                 balancer.accumulate()
-                loss_sum += (ce.detach() * mask.flatten()).sum()
+                loss_sum += (ce * mask.flatten()).sum()
             if world > 1:
                 allreduce_grads(params)
                 dist.all_reduce(loss_sum)

@@ -10,11 +10,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from moonlet import optim
 from moonlet.bench import top_kernels
 from moonlet.checkpoint import model_config
+from moonlet.loss import head_cross_entropy
 from moonlet.train import mfu, peak_flops, train_autocast, train_flops_per_token
 
 
@@ -48,11 +48,11 @@ def _moonlet_train_step(cfg, optimizer: str, x: torch.Tensor, precision: str, co
     optim.track_max_logits(model, on=muon)
     balancer = optim.RouterBalancer(model)
     fwd = torch.compile(model) if compile_ else model
+    coef = torch.full(x[:, 1:].shape, 1.0 / x[:, 1:].numel(), device=device)  # a mean over the tokens
 
     def step():
         with autocast:
-            logits = fwd(x[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            loss, _ = head_cross_entropy(model, fwd(x[:, :-1], head=False), x[:, 1:], coef)
         loss.backward()
         balancer.accumulate()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

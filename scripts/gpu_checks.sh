@@ -13,6 +13,7 @@
 #   bash scripts/gpu_checks.sh int4-gemv-rows  # decode-compile at batch 16 with the INT4 GEMV for up to 128 rows
 #   bash scripts/gpu_checks.sh train-compile   # moonlet's steps under torch.compile
 #   bash scripts/gpu_checks.sh train-nopad     # moonlet's steps without padding v for flash SDPA (to compare)
+#   bash scripts/gpu_checks.sh head-loss       # the fused, chunked LM head + loss vs unfused: time, peak memory
 # MOONLET_GPU_SMOKE=1 runs the same commands on tiny shapes (CPU is fine): a check of this script itself
 # (tests/test_gpu_checks.py). PYTHON picks the interpreter (default python3).
 set -uo pipefail
@@ -22,8 +23,10 @@ export PYTHONPATH="${PYTHONPATH:-}:$(pwd)" PYTHONUNBUFFERED=1
 py="${PYTHON:-python3}"
 if [ "${MOONLET_GPU_SMOKE:-0}" = 1 ]; then
   decode_model=tiny batches=1,2 prompt=16 new=8 train_preset=tiny train_shape="--batch 2 --seq-len 32"
+  head_shapes=64x32x320
 else
   decode_model=moonlight-16b-a3b batches=1,16 prompt=256 new=128 train_preset=moe-2b train_shape="--batch 8 --seq-len 2048"
+  head_shapes=16384x1024x32768,16384x1024x163840  # moe-2b's 8 x 2048 tokens, its vocab and K2's
 fi
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi") \
   | tee "$out/gpu.txt"
@@ -80,5 +83,8 @@ case "${1:-all}" in
   train-nopad)  # MLA's v unpadded: SDPA's memory-efficient kernel instead of flash
     export MOONLET_SDPA_PAD_V=0  # shellcheck disable=SC2086
     stage train_nopad 580 "$py" -m moonlet.cli bench train --preset "$train_preset" $train_shape --json ;;
-  *) echo "usage: $0 all | decode|train|tests|decode-compile|int4-gemv-rows [seconds] | train-compile|train-nopad" >&2; exit 2 ;;
+  head-loss)
+    stage head_loss "${2:-120}" "$py" scripts/head_loss_bench.py --dtype bf16 --shapes "$head_shapes" ;;
+  *) echo "usage: $0 all | decode|train|tests|decode-compile|int4-gemv-rows|head-loss [seconds] | train-compile|train-nopad" >&2
+     exit 2 ;;
 esac
