@@ -51,7 +51,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_ce):
         grad_h, grad_w = ctx.saved_tensors
-        grad_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+        grad_h = grad_h * grad_loss if grad_h is not None else None  # a 0-dim factor keeps grad_h's dtype
         grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
         return grad_h, grad_w, None, None, None, None
 
